@@ -1,0 +1,80 @@
+"""Pieces shared by every bundle of the collection: logging config, licence, metadata header.
+
+Bundle families (``pretrain.py``, ``finetune.py``) return ``{bundle_name: {relative_path: content}}`` where content
+is a ``dict``/``list`` (written as JSON, indent 4) or a ``str`` (written as is). ``tools/generate_bundles.py`` writes
+them; ``tests/test_generate_bundles.py`` checks that the committed bundles match.
+"""
+from __future__ import annotations
+
+COLLECTION_VERSION = "0.1.0"
+MONAI_VERSION = "1.6.1"
+PYTORCH_VERSION = "2.13.0"
+NUMPY_VERSION = "2.4.6"
+REQUIRED_PACKAGES = {"nibabel": "5.4.2", "pytorch-ignite": "0.5.5", "itk": "5.4.7", "tensorboard": "2.21.0"}
+SCHEMA_URL = (
+    "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20240725.json"
+)
+
+LOGGING_CONF = """[loggers]
+keys=root
+
+[handlers]
+keys=consoleHandler
+
+[formatters]
+keys=fullFormatter
+
+[logger_root]
+level=INFO
+handlers=consoleHandler
+
+[handler_consoleHandler]
+class=StreamHandler
+level=INFO
+formatter=fullFormatter
+args=(sys.stdout,)
+
+[formatter_fullFormatter]
+format=%(asctime)s - %(name)s - %(levelname)s - %(message)s
+"""
+
+LICENSE = """Copyright (c) HybridMIM Bundles contributors
+
+Licensed under the Apache License, Version 2.0 (the "License");
+you may not use this file except in compliance with the License.
+You may obtain a copy of the License at
+
+    http://www.apache.org/licenses/LICENSE-2.0
+
+Unless required by applicable law or agreed to in writing, software
+distributed under the License is distributed on an "AS IS" BASIS,
+WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+See the License for the specific language governing permissions and
+limitations under the License.
+
+The model weights produced with this bundle inherit the terms of the data they were trained on:
+see docs/data_license.txt.
+"""
+
+
+def metadata_header(description: str, task: str) -> dict:
+    """The metadata fields every bundle shares (schema, versions, authors); families add the rest."""
+    return {
+        "schema": SCHEMA_URL,
+        "version": COLLECTION_VERSION,
+        "changelog": {COLLECTION_VERSION: "first release of the HybridMIM bundle collection"},
+        "monai_version": MONAI_VERSION,
+        "pytorch_version": PYTORCH_VERSION,
+        "numpy_version": NUMPY_VERSION,
+        "required_packages_version": dict(REQUIRED_PACKAGES),
+        "supported_apps": {},
+        "task": task,
+        "description": description,
+        "authors": "HybridMIM Bundles contributors",
+        "copyright": "Copyright (c) HybridMIM Bundles contributors",
+    }
+
+
+def common_files() -> dict:
+    """Files identical in every bundle."""
+    return {"configs/logging.conf": LOGGING_CONF, "LICENSE": LICENSE, "models/.gitkeep": ""}
