@@ -1,0 +1,315 @@
+"""End-to-end checks of the four HybridMIM pretraining bundles, shrunk through overrides only.
+
+Each bundle is run through the MONAI CLI (``python -m monai.bundle run``) on tiny synthetic data from
+``tools/make_demo_data.py``: train one epoch of two steps (with validation), check that ``models/model.pt`` loads into
+the finetuning network (plain MONAI SwinUNETR/BasicUNet with another ``out_channels``) with only the last layer new,
+run ``evaluate.json`` and ``inference.json``, and resume from the full checkpoint. One bundle is also trained with two
+CPU processes (torchrun, gloo). Checkpoints and outputs go to tmp dirs, never into the repository.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BUNDLES_DIR = os.path.join(REPO_ROOT, "bundles")
+SCHEMA = os.path.normpath(os.path.join(REPO_ROOT, "..", "shared", "schemas", "meta_schema_20240725.json"))
+
+PRETRAIN_BUNDLES = {
+    "hybridmim_swin_pretrain": ("swin", "ct"),
+    "hybridmim_unet_pretrain": ("unet", "ct"),
+    "hybridmim_swin_pretrain_brats": ("swin", "brats"),
+    "hybridmim_unet_pretrain_brats": ("unet", "brats"),
+}
+WIDTH = {"swin": ["--feature_size", "12"], "unet": ["--features", "[4,4,8,8,16,4]"]}
+SHAPE = ["--roi_size", "[64,64,64]", "--region_size", "[32,32,32]"]
+TRAIN_SMALL = [
+    "--steps_per_epoch", "2",
+    "--train#trainer#max_epochs", "1",
+    "--train#dataloader#num_workers", "0",
+    "--validate#dataloader#num_workers", "0",
+    "--batch_size", "1",
+    "--samples_per_volume", "1",
+    "--val_interval", "1",
+    "--amp", "false",
+]
+TIMEOUT = 600
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env["OMP_NUM_THREADS"] = "1"  # the tests share 2 cores (pytest-xdist): no thread oversubscription
+    env["PYTHONPATH"] = REPO_ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def _run(args: list[str], cwd: str, what: str) -> str:
+    proc = subprocess.run(args, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"{what} failed (exit {proc.returncode}):\n{output[-6000:]}"
+    return output
+
+
+def _bundle_run(name: str, configs: list[str], overrides: list[str], what: str) -> str:
+    bundle = os.path.join(BUNDLES_DIR, name)
+    config_file = configs[0] if len(configs) == 1 else "[" + ",".join(f"'{c}'" for c in configs) + "]"
+    args = [sys.executable, "-m", "monai.bundle", "run", "--config_file", config_file,
+            "--meta_file", "configs/metadata.json", "--logging_file", "configs/logging.conf",
+            "--bundle_root", bundle, *overrides]
+    return _run(args, cwd=bundle, what=f"{name}: {what}")
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory):
+    """Tiny datasets: ``{"ct": (dataset_dir, datalist), "brats": (...)}``, two validation volumes each (DDP)."""
+    sys.path.insert(0, REPO_ROOT)
+    from tools.make_demo_data import make_brats_dataset, make_unlabeled_ct_pool
+
+    root = tmp_path_factory.mktemp("pretrain_data")
+    ct = make_unlabeled_ct_pool(str(root / "ct"), n_train=2, n_val=2, n_test=1)
+    brats = make_brats_dataset(str(root / "brats"), n_train=2, n_val=2, n_test=1)
+    return {"ct": (os.path.dirname(ct), ct), "brats": (os.path.dirname(brats), brats)}
+
+
+def _data_overrides(demo_data, data: str) -> list[str]:
+    dataset_dir, datalist = demo_data[data]
+    return ["--dataset_dir", dataset_dir, "--data_list_file_path", datalist]
+
+
+def _finetune_network(backbone: str, in_channels: int):
+    from monai.networks.nets import BasicUNet, SwinUNETR
+
+    if backbone == "swin":
+        return SwinUNETR(in_channels=in_channels, out_channels=3, feature_size=12), "out."
+    return BasicUNet(spatial_dims=3, in_channels=in_channels, out_channels=3, features=(4, 4, 8, 8, 16, 4)), "final_conv."
+
+
+def _checkpoint_iteration(path: str) -> int:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return int(state["trainer"]["iteration"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(PRETRAIN_BUNDLES))
+def test_pretrain_bundle_end_to_end(name, demo_data, tmp_path):
+    backbone, data = PRETRAIN_BUNDLES[name]
+    in_channels = 1 if data == "ct" else 4
+    ckpt_dir, out_dir = tmp_path / "models", tmp_path / "eval"
+    common = [*_data_overrides(demo_data, data), *WIDTH[backbone], *SHAPE, "--ckpt_dir", str(ckpt_dir)]
+
+    # --- train: one epoch of two steps, validation at its end --------------------------------------------------
+    log = _bundle_run(name, ["configs/train.json"], [*common, *TRAIN_SMALL, "--output_dir", str(out_dir)], "train")
+    for term in ("train_loss", "train_reconstruction", "train_number", "train_location", "train_consistency",
+                 "train_contrastive", "lr"):
+        assert f"{term}:" in log, f"{term} not logged"
+    assert "val_recon_mse" in log and "val_number_acc" in log and "val_location_acc" in log
+    for f in ("model.pt", "pretrain_network.pt", "checkpoint_final.pt"):
+        assert (ckpt_dir / f).is_file(), f"{f} not written: {os.listdir(ckpt_dir)}"
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(out_dir))
+    assert _checkpoint_iteration(str(ckpt_dir / "checkpoint_final.pt")) == 2
+
+    # --- model.pt: flat backbone state dict loading into the finetune network but for its last layer ---------------
+    state = torch.load(str(ckpt_dir / "model.pt"), map_location="cpu", weights_only=True)
+    assert all(isinstance(v, torch.Tensor) for v in state.values()), "model.pt must be a flat state dict"
+    net, last = _finetune_network(backbone, in_channels)
+    target = net.state_dict()
+    assert set(state) == set(target), set(state) ^ set(target)
+    differing = sorted(k for k in target if target[k].shape != state[k].shape)
+    assert differing and all(k.startswith(last) for k in differing), differing
+    missing, unexpected = net.load_state_dict({k: v for k, v in state.items() if not k.startswith(last)}, strict=False)
+    assert not unexpected and missing and all(k.startswith(last) for k in missing), (missing, unexpected)
+    from hybridmim_components import load_pretrained_weights
+
+    report = load_pretrained_weights(_finetune_network(backbone, in_channels)[0], str(ckpt_dir / "model.pt"))
+    assert not report["unexpected"] and all(k.startswith(last) for k in report["left_to_train"])
+
+    # --- evaluate: pretext metrics of the saved model on the validation list -----------------------------------
+    eval_dir = tmp_path / "evaluate"
+    _bundle_run(name, ["configs/train.json", "configs/evaluate.json"],
+                [*common, "--output_dir", str(eval_dir), "--validate#dataloader#num_workers", "0"], "evaluate")
+    metrics = _read_metrics(eval_dir / "metrics.csv")
+    assert set(metrics) == {"val_recon_mse", "val_number_acc", "val_location_acc"}, metrics
+    # same weights (model.pt + pretrain_network.pt), same seeded masks: the validation run's figures again
+    logged = _logged_metrics(log)
+    for key, value in metrics.items():
+        assert abs(value - logged[key]) < 1e-4, (key, value, logged[key])
+    assert metrics["val_recon_mse"] >= 0 and 0 <= metrics["val_number_acc"] <= 1 and 0 <= metrics["val_location_acc"] <= 1
+
+    # --- inference: masked input and region reconstruction per testing volume, side by side -----------------------
+    inf_dir = tmp_path / "inference"
+    _bundle_run(name, ["configs/inference.json"],
+                [*common, "--output_dir", str(inf_dir), "--dataloader#num_workers", "0"], "inference")
+    _check_inference_outputs(inf_dir, demo_data[data][1], in_channels)
+
+    # --- resume: a second epoch continues from the full checkpoint -----------------------------------------------
+    log = _bundle_run(name, ["configs/train.json"],
+                      [*common, *TRAIN_SMALL, "--output_dir", str(out_dir), "--train#trainer#max_epochs", "2",
+                       "--val_interval", "100", "--resume", "true"], "resume")
+    assert "resuming from" in log
+    assert _checkpoint_iteration(str(ckpt_dir / "checkpoint_final.pt")) == 4
+
+
+def _logged_metrics(log: str) -> dict[str, float]:
+    """Metrics of the last "Epoch[n] Metrics -- name: value ..." line of a training log."""
+    line = [l for l in log.splitlines() if "Metrics -- " in l][-1]
+    words = line.split("Metrics -- ")[1].split()
+    return {words[i].rstrip(":"): float(words[i + 1]) for i in range(0, len(words) - 1, 2)}
+
+
+def _read_metrics(path) -> dict[str, float]:
+    metrics = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            parts = line.replace("\t", ",").strip().split(",")
+            if len(parts) >= 2:
+                metrics[parts[0]] = float(parts[1])
+    return metrics
+
+
+def _check_inference_outputs(inf_dir, datalist: str, in_channels: int) -> None:
+    import nibabel as nib
+    import numpy as np
+
+    with open(datalist, encoding="utf-8") as f:
+        testing = json.load(f)["testing"]
+    assert len(os.listdir(inf_dir)) == len(testing)
+    for case in os.listdir(inf_dir):
+        masked = nib.load(str(inf_dir / case / f"{case}_masked.nii.gz"))
+        recon = nib.load(str(inf_dir / case / f"{case}_reconstruction.nii.gz"))
+        spatial = lambda img: img.shape[:3]  # noqa: E731
+        assert spatial(masked) == (64, 64, 64) and spatial(recon) == (32, 32, 32), (masked.shape, recon.shape)
+        if in_channels > 1:
+            assert masked.shape[-1] == in_channels and recon.shape[-1] == in_channels
+        # the region is centred: its first voxel sits 16 voxels into the crop, in world coordinates too
+        expected_origin = masked.affine @ np.array([16, 16, 16, 1.0])
+        np.testing.assert_allclose(recon.affine[:, 3], expected_origin, atol=1e-4)
+        assert np.isfinite(recon.get_fdata()).all()
+
+
+def test_pretrain_inference_masks_are_seeded(demo_data):
+    """inference.json seeds its masks: two fresh parses draw the same mask for the first testing volume."""
+    from monai.bundle import ConfigParser
+
+    bundle = os.path.join(BUNDLES_DIR, "hybridmim_unet_pretrain")
+    masks = []
+    for _ in range(2):
+        parser = ConfigParser()
+        parser.read_config(os.path.join(bundle, "configs", "inference.json"))
+        parser.update({"bundle_root": bundle, "dataset_dir": demo_data["ct"][0], "roi_size": [64, 64, 64],
+                       "region_size": [32, 32, 32], "dataloader#num_workers": 0})
+        parser.get_parsed_content("initialize#0")  # set_determinism(seed=@seed)
+        batch = next(iter(parser.get_parsed_content("dataloader")))
+        masks.append(batch["mim_patch_mask"])
+    assert masks[0].any() and torch.equal(masks[0], masks[1])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_pretrain_multi_gpu_config_two_cpu_processes(demo_data, tmp_path):
+    """torchrun with 2 CPU processes (gloo): DDP training, validation metrics reduced over ranks, rank 0 saves."""
+    name = "hybridmim_unet_pretrain"
+    bundle = os.path.join(BUNDLES_DIR, name)
+    ckpt_dir = tmp_path / "models"
+    args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
+            f"--master_port={_free_port()}", "-m", "monai.bundle", "run",
+            "--config_file", "['configs/train.json','configs/multi_gpu_train.json']",
+            "--meta_file", "configs/metadata.json", "--logging_file", "configs/logging.conf",
+            "--bundle_root", bundle, *_data_overrides(demo_data, "ct"), *WIDTH["unet"], *SHAPE, *TRAIN_SMALL,
+            "--ckpt_dir", str(ckpt_dir), "--output_dir", str(tmp_path / "eval")]
+    log = _run(args, cwd=bundle, what="2-process DDP training")
+    assert log.count("Metrics -- ") == 1, "validation metrics must be logged by rank 0 only"
+    assert (ckpt_dir / "model.pt").is_file() and (ckpt_dir / "checkpoint_final.pt").is_file()
+    state = torch.load(str(ckpt_dir / "model.pt"), map_location="cpu", weights_only=True)
+    assert not any(k.startswith("module.") for k in state)
+    full = torch.load(str(ckpt_dir / "checkpoint_final.pt"), map_location="cpu", weights_only=True)
+    assert not any(k.startswith("module.") for k in full["network"])
+
+
+# --- fast checks (no training) ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", sorted(PRETRAIN_BUNDLES))
+def test_pretrain_bundle_check_properties(name, demo_data, tmp_path):
+    from monai.bundle import ConfigWorkflow
+
+    backbone, data = PRETRAIN_BUNDLES[name]
+    bundle = os.path.join(BUNDLES_DIR, name)
+    dataset_dir, datalist = demo_data[data]
+    common = dict(bundle_root=bundle, dataset_dir=dataset_dir, data_list_file_path=datalist,
+                  ckpt_dir=str(tmp_path / "models"), output_dir=str(tmp_path / "eval"), roi_size=[64, 64, 64],
+                  region_size=[32, 32, 32])
+    common.update({"feature_size": 12} if backbone == "swin" else {"features": [4, 4, 8, 8, 16, 4]})
+    for workflow_type, config, extra in (
+        ("train", "train.json", {"cache_rate": 0, "train#dataloader#num_workers": 0}),
+        ("inference", "inference.json", {}),
+    ):
+        workflow = ConfigWorkflow(
+            config_file=os.path.join(bundle, "configs", config),
+            meta_file=os.path.join(bundle, "configs", "metadata.json"),
+            logging_file=False,
+            workflow_type=workflow_type,
+            initialize=[],  # no weights to load, no savers to attach: only the properties are checked
+            **common,
+            **extra,
+        )
+        workflow.initialize()
+        assert workflow.check_properties() == [], f"{name} {workflow_type}"
+
+
+@pytest.mark.parametrize("name", sorted(PRETRAIN_BUNDLES))
+def test_pretrain_bundle_contract_keys(name):
+    from monai.bundle import ConfigParser
+
+    backbone, data = PRETRAIN_BUNDLES[name]
+    configs = os.path.join(BUNDLES_DIR, name, "configs")
+    train = ConfigParser.load_config_file(os.path.join(configs, "train.json"))
+    parser = ConfigParser(train)
+    for key in ("bundle_root", "device", "dataset_dir", "data_list_file_path", "ckpt_dir", "output_dir", "roi_size",
+                "network_def", "network", "val_interval", "train#trainer#max_epochs", "train#dataset#data",
+                "validate#dataset#data", "train#dataloader#num_workers", "train#handlers", "validate#evaluator",
+                "amp", "resume", "sub_volume_size", "patch_size", "mask_ratio", "region_size", "loss"):
+        assert key in parser, f"{name}: missing contract key {key}"
+    width = "feature_size" if backbone == "swin" else "features"
+    assert parser[f"network_def#{width}"] == f"@{width}"
+    # paper defaults
+    roi, region, volumes = (96, 64, 2) if data == "ct" else (128, 96, 1)
+    assert parser["roi_size"] == [roi] * 3 and parser["region_size"] == [region] * 3
+    assert parser["in_channels"] == (1 if data == "ct" else 4)
+    assert parser["batch_size"] * parser["samples_per_volume"] == 2 * volumes
+    assert parser["steps_per_epoch"] * parser["train#trainer#max_epochs"] == 100_000
+    assert (parser["learning_rate"], parser["weight_decay"], parser["warmup_steps"]) == (1e-4, 1e-5, 500)
+    assert parser["train#trainer#epoch_length"] == "@steps_per_epoch"
+    for other in ("inference.json", "evaluate.json", "multi_gpu_train.json"):
+        assert os.path.isfile(os.path.join(configs, other))
+
+
+@pytest.mark.parametrize("name", sorted(PRETRAIN_BUNDLES))
+def test_pretrain_bundle_verify_metadata(name, tmp_path):
+    if not os.path.isfile(SCHEMA):
+        pytest.skip(f"metadata schema not found at {SCHEMA} (expected ../shared/schemas beside the repository)")
+    from monai.bundle import verify_metadata
+
+    schema = tmp_path / "schema.json"
+    shutil.copy(SCHEMA, schema)
+    verify_metadata(meta_file=os.path.join(BUNDLES_DIR, name, "configs", "metadata.json"), filepath=str(schema))
+
+
+def test_pretrain_bundles_match_generator():
+    sys.path.insert(0, REPO_ROOT)
+    from tools.bundlegen.pretrain import bundles
+    from tools.generate_bundles import render
+
+    for name, files in bundles().items():
+        for rel, content in files.items():
+            with open(os.path.join(BUNDLES_DIR, name, rel), encoding="utf-8") as f:
+                assert f.read() == render(content), f"{name}/{rel} is out of date: run python tools/generate_bundles.py"
