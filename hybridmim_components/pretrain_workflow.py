@@ -50,6 +50,7 @@ __all__ = [
     "ReseedHandler",
     "latest_checkpoint",
     "ResumeFromLatestCheckpoint",
+    "BestMetricState",
     "load_pretrain_checkpoint",
     "SaveMIMOutputs",
     "TrainProgressBar",
@@ -357,6 +358,43 @@ class ResumeFromLatestCheckpoint:
             return
         logger.info(f"resuming from {self.path}")
         CheckpointLoader(load_path=self.path, load_dict=self.load_dict, map_location=self.map_location).attach(engine)
+
+
+class BestMetricState:
+    """The best validation so far, as a stateful object for the full training checkpoint.
+
+    Without it a resumed run would forget the best ``val_recon_mse`` of the interrupted run and overwrite
+    ``model.pt`` at its first validation even when worse. ``state_dict()`` holds the evaluator's ``best_metric`` /
+    ``best_metric_epoch`` and the key-metric records of the best-model ``CheckpointSaver``s; ``load_state_dict``
+    restores them (plain floats, ints and strings: loadable with ``weights_only=True``).
+
+    Args:
+        evaluator: the validation engine (MONAI ``Workflow``: ``state.best_metric``, ``state.best_metric_epoch``).
+        savers: the evaluator's best-model ``CheckpointSaver``s (``None`` entries, e.g. disabled on ranks > 0,
+            are ignored).
+    """
+
+    def __init__(self, evaluator, savers: Sequence = ()) -> None:
+        self.evaluator = evaluator
+        self.savers = [s for s in savers if s is not None]
+
+    def _checkpoints(self) -> list:
+        return [s._key_metric_checkpoint for s in self.savers if getattr(s, "_key_metric_checkpoint", None)]
+
+    def state_dict(self) -> dict:
+        state = self.evaluator.state
+        return {
+            "best_metric": float(getattr(state, "best_metric", -1)),
+            "best_metric_epoch": int(getattr(state, "best_metric_epoch", -1)),
+            "savers": [c.state_dict() for c in self._checkpoints()],
+        }
+
+    def load_state_dict(self, state_dict: Mapping) -> None:
+        self.evaluator.state.best_metric = state_dict["best_metric"]
+        self.evaluator.state.best_metric_epoch = state_dict["best_metric_epoch"]
+        saved = state_dict.get("savers", [])
+        for checkpoint, saver_state in zip(self._checkpoints(), saved):
+            checkpoint.load_state_dict(saver_state)
 
 
 def _strip_prefixes(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -151,9 +151,14 @@ def test_pretrain_bundle_end_to_end(name, demo_data, tmp_path):
     # --- resume: a second epoch continues from the full checkpoint -----------------------------------------------
     log = _bundle_run(name, ["configs/train.json"],
                       [*common, *TRAIN_SMALL, "--output_dir", str(out_dir), "--train#trainer#max_epochs", "2",
-                       "--val_interval", "100", "--resume", "true"], "resume")
+                       "--resume", "true"], "resume")
     assert "resuming from" in log
     assert _checkpoint_iteration(str(ckpt_dir / "checkpoint_final.pt")) == 4
+    # the best validation of the first run was restored and compared against (lower MSE is better)
+    best = torch.load(str(ckpt_dir / "checkpoint_final.pt"), map_location="cpu", weights_only=True)["best_validation"]
+    second = _logged_metrics(log)["val_recon_mse"]
+    assert best["best_metric"] == pytest.approx(min(metrics["val_recon_mse"], second), abs=1e-4)
+    assert best["best_metric_epoch"] == (1 if metrics["val_recon_mse"] <= second else 2)
 
 
 def _logged_metrics(log: str) -> dict[str, float]:

@@ -221,3 +221,29 @@ def test_reseed_handler_repeats_random_draws():
     transform(dict(data))
     reseed()
     assert torch.equal(transform(dict(data))["image"], first)
+
+
+def test_best_metric_state_round_trip(tmp_path):
+    """The best validation (evaluator state and best-model saver records) survives a checkpoint round trip."""
+    from monai.engines import SupervisedEvaluator
+    from monai.handlers import CheckpointSaver
+
+    from hybridmim_components.pretrain_workflow import BestMetricState
+
+    def make():
+        net = torch.nn.Linear(1, 1)
+        evaluator = SupervisedEvaluator(device=torch.device("cpu"), val_data_loader=[0], network=net)
+        saver = CheckpointSaver(save_dir=str(tmp_path), save_dict={"model": net}, save_key_metric=True,
+                                key_metric_name="mse", key_metric_filename="model.pt", key_metric_negative_sign=True)
+        return evaluator, saver
+
+    evaluator, saver = make()
+    evaluator.state.best_metric, evaluator.state.best_metric_epoch = 0.25, 3
+    saver._key_metric_checkpoint._saved.append(saver._key_metric_checkpoint.Item(-0.25, "model.pt"))
+    path = str(tmp_path / "state.pt")
+    torch.save(BestMetricState(evaluator, [saver]).state_dict(), path)
+
+    evaluator2, saver2 = make()
+    BestMetricState(evaluator2, [saver2, None]).load_state_dict(torch.load(path, weights_only=True))
+    assert (evaluator2.state.best_metric, evaluator2.state.best_metric_epoch) == (0.25, 3)
+    assert [tuple(i) for i in saver2._key_metric_checkpoint._saved] == [(-0.25, "model.pt")]

@@ -168,7 +168,10 @@ def _train_config(spec: Spec) -> dict:
         "optimizer": "@optimizer",
         "lr_scheduler": "@lr_scheduler",
         "trainer": "@train#trainer",
+        "best_validation": "@train#best_validation",
     }
+    val_handlers = _validation_handlers()
+    best_savers = [f"@validate#handlers#{i}" for i, h in enumerate(val_handlers) if h["_target_"] == "CheckpointSaver"]
     return {
         **_head(spec),
         "amp": True,
@@ -267,6 +270,13 @@ def _train_config(spec: Spec) -> dict:
                 "save_final": True,
                 "final_filename": "checkpoint_final.pt",
             },
+            # best val_recon_mse so far and the best-model savers' records, kept in the full checkpoint so that a
+            # resumed run does not overwrite models/model.pt with a worse model
+            "best_validation": {
+                "_target_": f"{MIM}.BestMetricState",
+                "evaluator": "@validate#evaluator",
+                "savers": best_savers,
+            },
             "checkpoint_loader": {
                 "_target_": f"{MIM}.ResumeFromLatestCheckpoint",
                 "ckpt_dir": "@ckpt_dir",
@@ -305,19 +315,7 @@ def _train_config(spec: Spec) -> dict:
                 "val_number_acc": {"_target_": f"{MIM}.NumberAccuracy", "device": "@device"},
                 "val_location_acc": {"_target_": f"{MIM}.LocationAccuracy", "device": "@device"},
             },
-            "handlers": [
-                {"_target_": f"{MIM}.ReseedHandler", "seed": "@seed", "transform": "@validate#preprocessing",
-                 "generator": "@validate#generator"},
-                {"_target_": "StatsHandler", "iteration_log": False},
-                {"_target_": "TensorBoardStatsHandler", "log_dir": "@output_dir", "iteration_log": False},
-                {"_target_": f"{MIM}.MIMPreviewHandler", "log_dir": "@output_dir"},
-                {"_target_": "CheckpointSaver", "save_dir": "@ckpt_dir",
-                 "save_dict": {"model": "$@network_def.backbone"}, "save_key_metric": True,
-                 "key_metric_filename": "model.pt", "key_metric_negative_sign": True},
-                {"_target_": "CheckpointSaver", "save_dir": "@ckpt_dir", "save_dict": {"model": "@network_def"},
-                 "save_key_metric": True, "key_metric_filename": "pretrain_network.pt",
-                 "key_metric_negative_sign": True},
-            ],
+            "handlers": val_handlers,
             "evaluator": {
                 "_target_": "SupervisedEvaluator",
                 "device": "@device",
@@ -336,6 +334,22 @@ def _train_config(spec: Spec) -> dict:
         "initialize": _train_initialize(),
         "run": ["$@train#trainer.run()"],
     }
+
+
+def _validation_handlers() -> list:
+    return [
+        {"_target_": f"{MIM}.ReseedHandler", "seed": "@seed", "transform": "@validate#preprocessing",
+         "generator": "@validate#generator"},
+        {"_target_": "StatsHandler", "iteration_log": False},
+        {"_target_": "TensorBoardStatsHandler", "log_dir": "@output_dir", "iteration_log": False},
+        {"_target_": f"{MIM}.MIMPreviewHandler", "log_dir": "@output_dir"},
+        {"_target_": "CheckpointSaver", "save_dir": "@ckpt_dir",
+         "save_dict": {"model": "$@network_def.backbone"}, "save_key_metric": True,
+         "key_metric_filename": "model.pt", "key_metric_negative_sign": True},
+        {"_target_": "CheckpointSaver", "save_dir": "@ckpt_dir", "save_dict": {"model": "@network_def"},
+         "save_key_metric": True, "key_metric_filename": "pretrain_network.pt",
+         "key_metric_negative_sign": True},
+    ]
 
 
 def _train_initialize(seed: str = "@seed", saver_condition: str = "") -> list:
