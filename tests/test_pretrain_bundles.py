@@ -207,7 +207,8 @@ def test_pretrain_inference_masks_are_seeded(demo_data):
     for _ in range(2):
         parser = ConfigParser()
         parser.read_config(os.path.join(bundle, "configs", "inference.json"))
-        parser.update({"bundle_root": bundle, "dataset_dir": demo_data["ct"][0], "roi_size": [64, 64, 64],
+        parser.update({"bundle_root": bundle, "dataset_dir": demo_data["ct"][0],
+                       "data_list_file_path": demo_data["ct"][1], "roi_size": [64, 64, 64],
                        "region_size": [32, 32, 32], "dataloader#num_workers": 0})
         parser.get_parsed_content("initialize#0")  # set_determinism(seed=@seed)
         batch = next(iter(parser.get_parsed_content("dataloader")))

@@ -107,7 +107,7 @@ def _head(spec: Spec) -> dict:
         "ckpt_dir": "$@bundle_root + '/models'",
         "output_dir": "$@bundle_root + '/eval'",
         "dataset_dir": spec.dataset_dir,
-        "data_list_file_path": "$@dataset_dir + '/dataset.json'",
+        "data_list_file_path": "datalist.json",  # relative to dataset_dir, or absolute
         "device": "$torch.device('cuda:0' if torch.cuda.is_available() else 'cpu')",
         "seed": 0,
         "in_channels": spec.in_channels,
@@ -548,7 +548,9 @@ def _readme(spec: Spec) -> str:
             "```json\n{\"training\": [{\"image\": \"imagesTr/ct_000.nii.gz\"}, ...],\n"
             " \"validation\": [{\"image\": \"imagesTr/ct_100.nii.gz\"}, ...],\n"
             " \"testing\": [{\"image\": \"imagesTs/ct_200.nii.gz\"}, ...]}\n```\n\n"
-            "`python tools/prepare_datalist.py` in the collection's repository builds such a datalist for the CT pool."
+            "The collection's `tools/prepare_datalist.py` writes it as `<dataset_dir>/datalist.json` (the default "
+            "`data_list_file_path`; an absolute path also works):\n\n"
+            "```bash\npython tools/prepare_datalist.py pool /data/ct_a /data/ct_b --dataset_dir /data --val_fraction 0.05\n```"
         )
         preprocessing = (
             "Load, reorient to RAS, resample to 1.5 × 1.5 × 2.0 mm (bilinear), window -1000..1000 HU to [0, 1] "
@@ -564,7 +566,9 @@ def _readme(spec: Spec) -> str:
             "```json\n{\"training\": [{\"image\": [\"BraTS20_Training_001/BraTS20_Training_001_t1.nii.gz\",\n"
             "                            \"..._t1ce.nii.gz\", \"..._t2.nii.gz\", \"..._flair.nii.gz\"]}, ...],\n"
             " \"validation\": [...], \"testing\": [...]}\n```\n\n"
-            "`python tools/prepare_datalist.py` in the collection's repository builds it from the BraTS folder."
+            "The collection's `tools/prepare_datalist.py` writes it as `<dataset_dir>/datalist.json` (the default "
+            "`data_list_file_path`; an absolute path also works):\n\n"
+            "```bash\npython tools/prepare_datalist.py brats /data/BraTS2020\n```"
         )
         preprocessing = (
             "Load the 4 modalities as channels, reorient to RAS, resample to 1 mm (a no-op for BraTS), crop to the "
