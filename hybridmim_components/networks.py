@@ -39,8 +39,11 @@ def _triple(value: int | Sequence[int], name: str) -> tuple[int, int, int]:
 
 
 def crop_to_region(x: torch.Tensor, region: Sequence[slice], stride: int) -> torch.Tensor:
-    """Crop a ``B×C×d×h×w`` feature map of the given stride to a region given in voxel slices."""
-    return x[(slice(None), slice(None), *(slice(s.start // stride, s.stop // stride) for s in region))]
+    """Crop a ``B×C×d×h×w`` feature map of the given stride to a region given in voxel slices.
+
+    Returns a contiguous copy: convolutions (and their backward) on a strided view take slow paths.
+    """
+    return x[(slice(None), slice(None), *(slice(s.start // stride, s.stop // stride) for s in region))].contiguous()
 
 
 class HybridMIMNet(nn.Module):
