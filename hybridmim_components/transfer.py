@@ -93,7 +93,8 @@ def load_pretrained_weights(
     Args:
         network: the finetuning network (e.g. ``SwinUNETR``/``BasicUNet`` with ``out_channels`` = classes).
         path: a checkpoint file (flat state dict, ``{"model": ...}``, ``{"state_dict": ...}``; ``module.``/
-            ``backbone.`` prefixes are stripped). ``None`` or ``""``: train from scratch (logged, returns ``None``).
+            ``backbone.`` prefixes are stripped). ``None``, ``""`` or the strings ``"null"``/``"none"`` (what a
+            command-line override delivers): train from scratch (logged, returns ``None``).
         map_location: passed to ``torch.load`` (always ``weights_only=True``).
         allowed_new_prefixes: parameter prefixes allowed to stay untrained; default: the network's last layer.
 
@@ -105,7 +106,7 @@ def load_pretrained_weights(
         FileNotFoundError: ``path`` does not exist.
         PretrainedWeightsError: a parameter outside ``allowed_new_prefixes`` is missing or mis-shaped.
     """
-    if path is None or str(path) == "":
+    if path is None or str(path).strip().lower() in ("", "null", "none"):
         logger.info("pretrained_path is empty: training from scratch (random initialisation).")
         return None
     path = os.fspath(path)

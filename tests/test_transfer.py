@@ -76,6 +76,7 @@ def test_other_width_or_channels_is_mis_shaped(tmp_path, backbone_state):
 def test_empty_path_means_scratch_and_missing_file_names_it(tmp_path):
     assert load_pretrained_weights(finetune_unet(), None) is None
     assert load_pretrained_weights(finetune_unet(), "") is None
+    assert load_pretrained_weights(finetune_unet(), "null") is None  # `--pretrained_path null` on the CLI
     with pytest.raises(FileNotFoundError, match="nowhere.pt"):
         load_pretrained_weights(finetune_unet(), tmp_path / "nowhere.pt")
 
