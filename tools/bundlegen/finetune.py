@@ -851,7 +851,7 @@ one with {n} output channels ({classes}).
 
 This bundle starts from the backbone weights written by the `{pre}` bundle of this collection
 (`pretrained_path`, default `$@bundle_root + '/../{pre}/models/model.pt'`), or from scratch with
-`--pretrained_path null`. The weight loader logs what it loaded and stops with a report if anything but the last
+`--pretrained_path ""`. The weight loader logs what it loaded and stops with a report if anything but the last
 layer does not fit (wrong backbone, width or input channels), instead of silently training from random weights.
 
 Network: `monai.networks.nets.{'SwinUNETR' if backbone == 'swin' else 'BasicUNet'}`, {width}, {t['in_channels']}
@@ -934,7 +934,7 @@ Train from the HybridMIM pretrained backbone (train the `{pre}` bundle first, or
 From-scratch baseline (no pretraining):
 
 ```bash
-{run} --config_file {cfg}/train.json --pretrained_path null
+{run} --config_file {cfg}/train.json --pretrained_path ""
 ```
 
 Label-efficiency (e.g. 20 % of the training labels):

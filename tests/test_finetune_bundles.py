@@ -1,0 +1,419 @@
+"""The eight finetuning bundles ``hybridmim_{swin,unet}_{btcv,msd_spleen,msd_liver,brats}``.
+
+End to end through the MONAI CLI on CPU (``python -m monai.bundle ...`` in a subprocess, overrides only) on tiny
+synthetic data from ``tools/make_demo_data.py``, starting from the weights of a tiny pretraining backbone: train one
+epoch, resume, evaluate, infer, ``verify_net_in_out``, ``ckpt_export``; a wrong backbone's weights stop the run
+before training. In process: properties, metadata schema, weight transfer into encoder and decoder, label fraction.
+"""
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tools.bundlegen.finetune import BACKBONES, TASKS, bundle_name
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BUNDLES_DIR = os.path.join(REPO_ROOT, "bundles")
+SCHEMA = os.path.join(os.path.dirname(REPO_ROOT), "shared", "schemas", "meta_schema_20240725.json")
+
+CASES = [(backbone, task) for backbone in BACKBONES for task in TASKS]
+IDS = [bundle_name(b, t) for b, t in CASES]
+# resume is checked on one bundle per backbone (the resume logic is generated identically for all eight)
+RESUME_CASES = {("swin", "msd_spleen"), ("unet", "brats")}
+
+SWIN_WIDTH = 12
+UNET_FEATURES = [4, 4, 8, 8, 16, 4]
+NUM_CLASSES = {"btcv": 14, "msd_spleen": 2, "msd_liver": 3}
+
+
+# ----------------------------------------------------------------------------------------------------------- helpers
+def configs(backbone: str, task: str) -> str:
+    return os.path.join(BUNDLES_DIR, bundle_name(backbone, task), "configs")
+
+
+def width_overrides(backbone: str) -> dict:
+    return {"feature_size": SWIN_WIDTH} if backbone == "swin" else {"features": UNET_FEATURES}
+
+
+def roi(backbone: str) -> list[int]:
+    # SwinUNETR cannot train on 32^3 (one-voxel bottleneck under instance norm); 64^3 is its smallest crop
+    return [64, 64, 64] if backbone == "swin" else [32, 32, 32]
+
+
+def cli_args(overrides: dict) -> list[str]:
+    args = []
+    for key, value in overrides.items():
+        args += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
+    return args
+
+
+def run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=REPO_ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "monai.bundle", *args],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def output_of(proc: subprocess.CompletedProcess) -> str:
+    return proc.stdout + proc.stderr
+
+
+def assert_ok(proc: subprocess.CompletedProcess, what: str) -> str:
+    text = output_of(proc)
+    assert proc.returncode == 0, f"{what} failed (exit {proc.returncode}):\n{text[-6000:]}"
+    return text
+
+
+def pretrain_backbone(backbone: str, in_channels: int):
+    import hybridmim_components as hc
+
+    if backbone == "swin":
+        return hc.HybridMIMSwinUNETR(in_channels=in_channels, feature_size=SWIN_WIDTH).backbone
+    return hc.HybridMIMUNet(in_channels=in_channels, features=UNET_FEATURES).backbone
+
+
+# ---------------------------------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("finetune")
+
+
+_datasets: dict = {}
+
+
+@pytest.fixture(scope="module")
+def dataset(workdir):
+    """``dataset(task) -> datalist path`` (built once per task and process)."""
+    from tools.make_demo_data import make_brats_dataset, make_ct_dataset
+
+    def get(task: str) -> str:
+        if task not in _datasets:
+            out = str(workdir / f"data_{task}")
+            if task == "brats":
+                _datasets[task] = make_brats_dataset(out)
+            else:
+                _datasets[task] = make_ct_dataset(out, num_classes=NUM_CLASSES[task])
+        return _datasets[task]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def pretrained(workdir):
+    """``pretrained(backbone, in_channels) -> path`` of a tiny pretraining backbone's state dict (flat)."""
+    cache: dict = {}
+
+    def get(backbone: str, in_channels: int) -> str:
+        key = (backbone, in_channels)
+        if key not in cache:
+            torch.manual_seed(0)
+            path = str(workdir / f"pretrained_{backbone}_{in_channels}ch.pt")
+            torch.save(pretrain_backbone(backbone, in_channels).state_dict(), path)
+            cache[key] = path
+        return cache[key]
+
+    return get
+
+
+def base_overrides(backbone: str, task: str, bundle_root: str, datalist: str) -> dict:
+    return {
+        "bundle_root": bundle_root,
+        "dataset_dir": os.path.dirname(datalist),
+        "data_list_file_path": os.path.basename(datalist),
+        "roi_size": roi(backbone),
+        "amp": False,
+        **width_overrides(backbone),
+    }
+
+
+def train_overrides(backbone: str, task: str, bundle_root: str, datalist: str) -> dict:
+    o = base_overrides(backbone, task, bundle_root, datalist)
+    o.update(
+        {
+            "num_samples": 1,
+            "cache_rate": 0,
+            "train#dataloader#num_workers": 0,
+            "val_interval": 1,
+            "train#trainer#max_epochs": 1,
+        }
+    )
+    if backbone == "swin":
+        o["use_checkpoint"] = False
+    return o
+
+
+# ------------------------------------------------------------------------------------------------- end-to-end (CLI)
+@pytest.mark.slow
+@pytest.mark.parametrize("backbone,task", CASES, ids=IDS)
+def test_bundle_end_to_end(backbone, task, workdir, dataset, pretrained):
+    t = TASKS[task]
+    cfg = configs(backbone, task)
+    datalist = dataset(task)
+    root = str(workdir / f"root_{backbone}_{task}")
+    os.makedirs(root, exist_ok=True)
+    weights = pretrained(backbone, t["in_channels"])
+    scored = [slug for _, slug in t["classes"]][0 if t["sigmoid"] else 1 :]
+
+    # 1. train one epoch from the pretrained backbone, on half of the 2 training cases (label_fraction)
+    overrides = train_overrides(backbone, task, root, datalist)
+    overrides.update({"pretrained_path": weights, "label_fraction": 0.5})
+    text = assert_ok(run_cli("run", "--config_file", f"{cfg}/train.json", *cli_args(overrides)), "train")
+    assert f"pretrained weights {weights}:" in text, "the log must name the pretrained weights file"
+    n_params = len(pretrain_backbone(backbone, t["in_channels"]).state_dict())
+    assert f"loaded: {n_params - 2}" in text and "unexpected: 0" in text and "left_to_train: 2" in text, text[-4000:]
+    assert "Iter: 1/1" in text, "label_fraction 0.5 of 2 training cases must leave 1 (one iteration per epoch)"
+    assert "Epoch[1] Complete" in text and "val_mean_dice" in text
+    for slug in scored:
+        assert f"val_dice_{slug}:" in text, f"per-class Dice of {slug} not logged"
+    models = os.path.join(root, "models")
+    best = torch.load(os.path.join(models, "model.pt"), weights_only=True)
+    assert all(isinstance(v, torch.Tensor) for v in best.values()), "models/model.pt must be a flat state dict"
+    assert os.path.isfile(os.path.join(models, "checkpoint_final.pt"))
+
+    # 2. resume: continue to epoch 2 from the full checkpoint, without redoing epoch 1
+    if (backbone, task) in RESUME_CASES:
+        overrides.update({"resume": True, "train#trainer#max_epochs": 2})
+        text = assert_ok(run_cli("run", "--config_file", f"{cfg}/train.json", *cli_args(overrides)), "resume")
+        assert "resuming from full checkpoint" in text and "checkpoint_final.pt" in text
+        assert "Epoch[2] Complete" in text and "Epoch[1] Complete" not in text, text[-4000:]
+        state = torch.load(os.path.join(models, "checkpoint_final.pt"), weights_only=True)["trainer"]
+        assert (state["iteration"], state["max_epochs"]) == (2, 2)  # one iteration per epoch
+
+    # 3. evaluate: Dice and HD95 per class at the original resolution, to CSV
+    ev = base_overrides(backbone, task, root, datalist)
+    ev.update({"cache_rate": 0, "train#dataloader#num_workers": 0, "output_dir": f"{root}/eval_metrics"})
+    text = assert_ok(
+        run_cli("run", "--config_file", f"['{cfg}/train.json','{cfg}/evaluate.json']", *cli_args(ev)), "evaluate"
+    )
+    with open(os.path.join(root, "eval_metrics", "metrics.csv"), newline="") as f:
+        metrics = {row[0]: float(row[1]) for row in csv.reader(f)}
+    for slug in scored:
+        assert f"val_dice_{slug}" in metrics and f"val_hd95_{slug}" in metrics, sorted(metrics)
+        assert f"val_hd95_{slug}:" in text
+    assert 0.0 <= metrics["val_mean_dice"] <= 1.0
+    for name in ("val_mean_dice_raw.csv", "val_mean_hd95_raw.csv"):
+        assert os.path.isfile(os.path.join(root, "eval_metrics", name))
+
+    # 4. inference on the testing list: one label map per input, same shape and affine as the input image
+    inf = base_overrides(backbone, task, root, datalist)
+    inf.update({"dataloader#num_workers": 0, "output_dir": f"{root}/predictions"})
+    assert_ok(run_cli("run", "--config_file", f"{cfg}/inference.json", *cli_args(inf)), "inference")
+    check_predictions(datalist, os.path.join(root, "predictions"), t)
+
+    # 5. network input/output against the metadata, and TorchScript export by tracing
+    meta = f"{cfg}/metadata.json"
+    width = cli_args(width_overrides(backbone))
+    assert_ok(
+        run_cli("verify_net_in_out", "network_def", "--meta_file", meta, "--config_file", f"{cfg}/inference.json",
+                "--device", "cpu", *width),
+        "verify_net_in_out",
+    )
+    ts = os.path.join(root, "model.ts")
+    assert_ok(
+        run_cli("ckpt_export", "network_def", "--filepath", ts, "--ckpt_file", os.path.join(models, "model.pt"),
+                "--meta_file", meta, "--config_file", f"{cfg}/inference.json", "--use_trace", "True",
+                "--converter_kwargs", "{'check_trace': False}", *width),
+        "ckpt_export",
+    )
+    assert os.path.getsize(ts) > 0
+
+    # 6. properties (train and inference) of the trained bundle, in process
+    check_properties(backbone, task, root, datalist)
+
+
+def check_predictions(datalist: str, out_dir: str, t: dict) -> None:
+    import nibabel as nib
+    import numpy as np
+
+    with open(datalist) as f:
+        testing = json.load(f)["testing"]
+    outputs = sorted(glob.glob(os.path.join(out_dir, "*.nii.gz")))
+    assert len(outputs) == len(testing), outputs
+    for entry in testing:
+        image = entry["image"][0] if isinstance(entry["image"], list) else entry["image"]
+        stem = os.path.basename(image)[: -len(".nii.gz")]
+        out = os.path.join(out_dir, f"{stem}_seg.nii.gz")
+        assert os.path.isfile(out), f"no prediction for {image}: {outputs}"
+        src, pred = nib.load(os.path.join(os.path.dirname(datalist), image)), nib.load(out)
+        assert pred.shape == src.shape, (pred.shape, src.shape)
+        np.testing.assert_allclose(pred.affine, src.affine, atol=1e-4)
+        values = set(np.unique(np.asarray(pred.dataobj)).tolist())
+        allowed = {0, 1, 2, 4} if t["sigmoid"] else set(range(len(t["classes"])))
+        assert values <= allowed, values
+
+
+def check_properties(backbone: str, task: str, root: str, datalist: str) -> None:
+    from monai.bundle import ConfigWorkflow
+
+    cfg = configs(backbone, task)
+    common = {
+        "bundle_root": root,
+        "dataset_dir": os.path.dirname(datalist),
+        "data_list_file_path": os.path.basename(datalist),
+        **width_overrides(backbone),
+    }
+    train = ConfigWorkflow(
+        config_file=f"{cfg}/train.json", workflow_type="train", logging_file=False,
+        pretrained_path="", cache_rate=0, **common,
+    )
+    train.initialize()
+    assert train.check_properties() == []
+    infer = ConfigWorkflow(config_file=f"{cfg}/inference.json", workflow_type="inference", logging_file=False,
+                           **common)
+    infer.initialize()  # loads the trained models/model.pt
+    assert infer.check_properties() == []
+
+
+# UNet weights into every Swin bundle, Swin weights into one UNet bundle (the check runs in `initialize`, generated
+# identically for all eight; each case costs a CLI start)
+WRONG_CASES = [(b, t) for b, t in CASES if b == "swin"] + [("unet", "btcv")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backbone,task", WRONG_CASES, ids=[bundle_name(b, t) for b, t in WRONG_CASES])
+def test_wrong_backbone_weights_stop_before_training(backbone, task, workdir, dataset, pretrained):
+    """UNet weights into a Swin bundle (and Swin weights into a UNet bundle) stop with the loader's report."""
+    t = TASKS[task]
+    other = "unet" if backbone == "swin" else "swin"
+    root = str(workdir / f"wrong_{backbone}_{task}")
+    overrides = train_overrides(backbone, task, root, dataset(task))
+    overrides["pretrained_path"] = pretrained(other, t["in_channels"])
+    proc = run_cli("run", "--config_file", f"{configs(backbone, task)}/train.json", *cli_args(overrides))
+    text = output_of(proc)
+    assert proc.returncode != 0
+    assert "PretrainedWeightsError" in text and "did not load" in text and "missing:" in text, text[-4000:]
+    assert "Iter:" not in text and "Epoch[1]" not in text, "training must not start"
+    assert not os.path.exists(os.path.join(root, "models", "model.pt"))
+
+
+@pytest.mark.slow
+def test_multi_gpu_config_runs_with_gloo_on_cpu(workdir):
+    """``multi_gpu_train.json`` under torchrun with 2 CPU processes (gloo): rank 0 logs and saves."""
+    from tools.make_demo_data import make_ct_dataset
+
+    datalist = make_ct_dataset(str(workdir / "data_ddp"), num_classes=2, n_train=2, n_val=2)
+    cfg = configs("unet", "msd_spleen")
+    root = str(workdir / "root_ddp")
+    overrides = train_overrides("unet", "msd_spleen", root, datalist)
+    overrides.update({"pretrained_path": "", "train#trainer#max_epochs": 2})
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO_ROOT)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2"]
+    proc = subprocess.run(
+        [*torchrun, "-m", "monai.bundle", "run", "--config_file", f"['{cfg}/train.json','{cfg}/multi_gpu_train.json']",
+         *cli_args(overrides)],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    text = assert_ok(proc, "multi-GPU training")
+    assert text.count("Iter: 1/1") == 2, "one iteration per epoch per rank (2 cases / 2 ranks), logged by rank 0 only"
+    assert os.path.isfile(os.path.join(root, "models", "model.pt"))
+    state = torch.load(os.path.join(root, "models", "checkpoint_final.pt"), weights_only=True)["trainer"]
+    assert (state["iteration"], state["max_epochs"]) == (2, 2)
+
+
+# ------------------------------------------------------------------------------------------------------- in process
+@pytest.mark.parametrize("backbone,task", CASES, ids=IDS)
+def test_pretrained_weights_fill_encoder_and_decoder(backbone, task, pretrained):
+    """The pretraining backbone's state dict loads into the bundle's network_def: all but the last layer."""
+    import hybridmim_components as hc
+    from monai.bundle import ConfigParser
+
+    t = TASKS[task]
+    parser = ConfigParser()
+    parser.read_config(f"{configs(backbone, task)}/train.json")
+    parser.update(width_overrides(backbone))
+    net = parser.get_parsed_content("network_def")
+    path = pretrained(backbone, t["in_channels"])
+    report = hc.load_pretrained_weights(net, path)
+    source = torch.load(path, weights_only=True)
+    last = BACKBONES[backbone]["last_layer"].rstrip("*")
+    decoder = "decoder1." if backbone == "swin" else "upcat_1."
+    assert any(n.startswith(decoder) for n in report["loaded"]), "the decoder must be pretrained too"
+    assert any(n.startswith("swinViT." if backbone == "swin" else "conv_0.") for n in report["loaded"])
+    assert report["unexpected"] == [] and all(e.startswith(last) for e in report["left_to_train"])
+    for name, value in net.state_dict().items():
+        if name.startswith(last):
+            assert value.shape[0] == len(t["classes"])  # a fresh last layer with one channel per target
+        else:
+            assert torch.equal(value, source[name]), name
+
+
+@pytest.mark.parametrize("backbone,task", CASES, ids=IDS)
+def test_label_fraction_picks_a_deterministic_nested_share(backbone, task, workdir):
+    from monai.bundle import ConfigParser
+    from tools.make_demo_data import make_brats_dataset, make_ct_dataset
+
+    out = str(workdir / f"data_five_{task}")
+    if not os.path.isdir(out):
+        make = make_brats_dataset if task == "brats" else make_ct_dataset
+        make(out, n_train=5, n_val=1, n_test=1)
+
+    def training_list(fraction):
+        parser = ConfigParser()
+        parser.read_config(f"{configs(backbone, task)}/train.json")
+        parser.update({"dataset_dir": out, "data_list_file_path": "dataset.json", "label_fraction": fraction})
+        return parser.get_parsed_content("train#dataset#data")
+
+    chosen = {f: [d["image"] for d in training_list(f)] for f in (0.2, 0.4, 0.6, 1.0)}
+    assert {f: len(v) for f, v in chosen.items()} == {0.2: 1, 0.4: 2, 0.6: 3, 1.0: 5}
+    assert chosen[0.2] == [d["image"] for d in training_list(0.2)]  # deterministic
+    assert set(map(str, chosen[0.2])) <= set(map(str, chosen[0.4])) <= set(map(str, chosen[0.6]))  # nested
+
+
+@pytest.mark.parametrize("backbone,task", CASES, ids=IDS)
+def test_metadata_matches_schema_and_task(backbone, task, tmp_path):
+    from monai.bundle import verify_metadata
+
+    t = TASKS[task]
+    meta_file = f"{configs(backbone, task)}/metadata.json"
+    with open(meta_file) as f:
+        meta = json.load(f)
+    fmt = meta["network_data_format"]
+    assert fmt["inputs"]["image"]["num_channels"] == t["in_channels"]
+    out = fmt["outputs"]["pred"]
+    assert out["num_channels"] == len(t["classes"])
+    assert list(out["channel_def"].values()) == [name for name, _ in t["classes"]]
+    if not t["sigmoid"]:
+        assert out["channel_def"]["0"] == "background"
+    if not os.path.isfile(SCHEMA):
+        pytest.skip(f"schema not found at {SCHEMA} (expected ../shared/schemas beside the repository)")
+    schema = tmp_path / "schema.json"
+    shutil.copy(SCHEMA, schema)
+    verify_metadata(meta_file=meta_file, filepath=str(schema))
+
+
+def test_bundles_share_one_skeleton():
+    """Same config keys in every bundle (consistent by construction), each referencing its own pretrain bundle."""
+    keys = {}
+    for backbone, task in CASES:
+        with open(f"{configs(backbone, task)}/train.json") as f:
+            train = json.load(f)
+        keys[(backbone, task)] = set(train) - {"feature_size", "features", "use_checkpoint", "a_min", "a_max"}
+        pre = f"hybridmim_{backbone}_pretrain" + ("_brats" if task == "brats" else "")
+        assert f"/../{pre}/models/model.pt" in train["pretrained_path"]
+        assert train["train"]["trainer"]["max_epochs"] == TASKS[task]["max_epochs"]
+        for required in ("bundle_root", "device", "dataset_dir", "data_list_file_path", "ckpt_dir", "output_dir",
+                         "roi_size", "network_def", "network", "val_interval", "amp", "resume", "pretrained_path",
+                         "label_fraction", BACKBONES[backbone]["width_key"]):
+            assert required in train, (bundle_name(backbone, task), required)
+        handlers = train["train"]["handlers"]
+        validation = [h for h in handlers if h["_target_"] == "ValidationHandler"]
+        assert validation == [{"_target_": "ValidationHandler", "validator": "@validate#evaluator",
+                               "epoch_level": True, "interval": "@val_interval"}]
+        with open(f"{configs(backbone, task)}/inference.json") as f:
+            inference = json.load(f)
+        for required in ("network_def", "preprocessing", "inferer", "postprocessing", "dataset", "evaluator"):
+            assert required in inference
+    assert len({frozenset(v) for v in keys.values()}) == 1, keys
