@@ -417,3 +417,50 @@ def test_bundles_share_one_skeleton():
         for required in ("network_def", "preprocessing", "inferer", "postprocessing", "dataset", "evaluator"):
             assert required in inference
     assert len({frozenset(v) for v in keys.values()}) == 1, keys
+
+
+# ------------------------------------------------------------------------------------- finetune_workflow components
+def test_hausdorff_distance_95_is_in_millimetres():
+    pytest.importorskip("scipy")
+    from monai.data import MetaTensor
+
+    from hybridmim_components.finetune_workflow import HausdorffDistance95
+
+    label = torch.zeros(2, 12, 12, 12)
+    label[1, 3:7, 3:7, 3:7] = 1
+    pred = torch.zeros(2, 12, 12, 12)
+    pred[1, 5:9, 3:7, 3:7] = 1  # the same cube shifted by 2 voxels along the first axis
+    label[0], pred[0] = 1 - label[1], 1 - pred[1]
+    affine = torch.diag(torch.tensor([2.5, 1.0, 1.0, 1.0]))  # 2.5 mm along the shift
+    handler = HausdorffDistance95(include_background=False)
+    handler.metric_fn([MetaTensor(pred, affine=affine)], [MetaTensor(label, affine=affine)])
+    assert handler.metric_fn.aggregate().item() == pytest.approx(5.0)  # 2 voxels x 2.5 mm
+    plain = HausdorffDistance95(include_background=False)
+    plain.metric_fn([pred], [label])
+    assert plain.metric_fn.aggregate().item() == pytest.approx(2.0)  # plain tensors: voxels, as MONAI's handler
+
+
+def test_brats_classes_to_label_map_inverts_the_multichannel_conversion():
+    from monai.transforms import ConvertToMultiChannelBasedOnBratsClasses
+
+    from hybridmim_components.finetune_workflow import BratsClassesToLabelMapd
+
+    label = torch.zeros(1, 6, 6, 6, dtype=torch.uint8)
+    label[0, 1:5, 1:5, 1:5] = 2
+    label[0, 2:4, 2:4, 2:4] = 1
+    label[0, 3, 3, 3] = 4
+    channels = ConvertToMultiChannelBasedOnBratsClasses()(label)  # TC, WT, ET
+    out = BratsClassesToLabelMapd(keys="pred")({"pred": channels})["pred"]
+    assert out.shape == (1, 6, 6, 6) and torch.equal(torch.as_tensor(out), label)
+
+
+def test_latest_checkpoint_takes_the_newest_full_checkpoint(tmp_path):
+    from hybridmim_components.finetune_workflow import latest_checkpoint
+
+    assert latest_checkpoint(str(tmp_path)) is None
+    for i, name in enumerate(("checkpoint_epoch=1.pt", "model.pt", "checkpoint_final.pt")):
+        path = tmp_path / name
+        path.write_bytes(b"x")
+        os.utime(path, (1000 + i, 1000 + i))
+    os.utime(tmp_path / "model.pt", (5000, 5000))  # newest file, but not a full checkpoint
+    assert latest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint_final.pt")

@@ -63,8 +63,8 @@ TASKS = {
             "`Testing/img`, or `imagesTr`/`labelsTr`/`imagesTs`). The default split is the one of the UNETR / "
             "SwinUNETR papers: validation = cases 0035-0040, training = the other 24."
         ),
-        "paper": "BTCV mean Dice (paper, Table of BTCV results): HybridMIM (UNet, generic pretraining) 83.00 %; "
-        "SwinUNETR trained from scratch 81.81 %.",
+        "paper": "BTCV, mean Dice over the 13 organs: HybridMIM (UNet, generic pretraining) 83.00 %; SwinUNETR "
+        "trained from scratch 81.81 %.",
         "licence": (
             "BTCV (Multi-Atlas Labeling Beyond the Cranial Vault), MICCAI 2015 challenge\n"
             "    https://www.synapse.org/#!Synapse:syn3193805/wiki/217752\n\n"
@@ -96,7 +96,7 @@ TASKS = {
             "download=True)`) and unpack it to `/workspace/data/Task09_Spleen`. The datalist takes a seeded 20 % of "
             "the labelled cases for validation; its `testing` list is the task's test images."
         ),
-        "paper": "MSD Spleen mean Dice (paper): HybridMIM 96.05 %.",
+        "paper": "MSD Spleen, Dice: HybridMIM 96.05 %.",
         "licence": (
             "Medical Segmentation Decathlon, Task09_Spleen\n    http://medicaldecathlon.com/\n\n"
             "The Decathlon data are released under the Creative Commons Attribution-ShareAlike 4.0 International\n"
@@ -128,7 +128,7 @@ TASKS = {
             "validation; its `testing` list is the task's test images. The volumes are large: `cache_rate` 1.0 "
             "needs about 60 GB of memory after resampling; lower it if needed."
         ),
-        "paper": "MSD Liver average Dice over liver and tumour (paper): HybridMIM 74.36 %.",
+        "paper": "MSD Liver, average Dice over liver and tumour: HybridMIM 74.36 %.",
         "licence": (
             "Medical Segmentation Decathlon, Task03_Liver (from the LiTS challenge)\n    http://medicaldecathlon.com/\n\n"
             "The Decathlon data are released under the Creative Commons Attribution-ShareAlike 4.0 International\n"
@@ -163,8 +163,8 @@ TASKS = {
             "three nested regions as sigmoid channels: tumour core (TC = 1 + 4), whole tumour (WT = 1 + 2 + 4) and "
             "enhancing tumour (ET = 4)."
         ),
-        "paper": "BraTS2020 mean Dice over TC/WT/ET (paper): HybridMIM* (SwinUNETR, task-specific pretraining) "
-        "86.39 %; SwinUNETR from scratch 85.09 %.",
+        "paper": "BraTS2020, mean Dice over TC/WT/ET: HybridMIM* (SwinUNETR, task-specific pretraining) 86.39 %; "
+        "SwinUNETR from scratch 85.09 %.",
         "licence": (
             "Multimodal Brain Tumor Segmentation Challenge 2020 (BraTS 2020)\n"
             "    https://www.med.upenn.edu/cbica/brats2020/data.html\n\n"
@@ -201,6 +201,7 @@ BACKBONES = {
     },
 }
 
+SCIPY_VERSION = "1.17.1"
 FROM_LOSS = "$monai.handlers.from_engine(['loss'], first=True)"
 SEED = 123
 
@@ -741,6 +742,8 @@ def metadata(backbone: str, task: str) -> dict:
                     "4": "enhancing tumour"}
     # SwinUNETR: multiples of 32, at least 64 (a 32^3 input leaves a 1-voxel bottleneck that instance norm rejects)
     shape = ["32*(n+1)"] * 3 if backbone == "swin" else ["32*n"] * 3
+    # evaluate.json's Hausdorff distance uses scipy.ndimage on CPU
+    meta["required_packages_version"]["scipy"] = SCIPY_VERSION
     meta.update(
         {
             "data_source": t["data_source"],
@@ -842,7 +845,7 @@ def readme(backbone: str, task: str) -> str:
 
 ## Model Overview
 
-{b['title']} for {t['title']} ({t['modality']}), finetuned from **HybridMIM** self-supervised pretraining.
+{b['title']} for {t['title']} on {t['modality']} images, finetuned from **HybridMIM** self-supervised pretraining.
 HybridMIM (Xiong et al., IEEE JBHI 2024) pretrains a 3D segmentation network on unlabelled volumes with two-level
 masking and four objectives: partial-region reconstruction (pixel level), prediction of the number and the location
 of masked patches in each sub-volume (region level) and dropout-based contrastive learning (sample level). Encoder
@@ -893,7 +896,7 @@ Build the datalist (an MSD-form JSON with `training`, `validation` and `testing`
 | caching | `cache_rate` {t['cache_rate']} | `--cache_rate` |
 
 The best network (mean validation Dice) is saved to `models/model.pt` as a flat state dict. A full checkpoint
-(network, optimiser, scheduler, trainer state) `models/checkpoint_<iteration>.pt` is written every `val_interval`
+(network, optimiser, scheduler, trainer state) `models/checkpoint_epoch=<N>.pt` is written every `val_interval`
 epochs and `models/checkpoint_final.pt` at the end or on an error; `--resume true` continues from the newest of them
 (the learning-rate schedule continues as saved). TensorBoard logs go to `eval/`; the console shows a progress bar.
 
@@ -915,9 +918,13 @@ and keep `amp` on; lower `cache_rate` when host memory is short.
 
 ## Performance
 
+### Measured with this bundle
+
 {performance_section(name)}
-Reference values reported in the HybridMIM paper (not reproduced by this bundle's authors; other splits, hardware
-and code): {t['paper']}
+### Reported in the HybridMIM paper
+
+For reference only: these are the paper's figures (its splits, hardware and code), not measured with this bundle.
+{t['paper']}
 
 ## MONAI Bundle Commands
 
@@ -958,7 +965,8 @@ torchrun --standalone --nnodes=1 --nproc_per_node=<N> -m monai.bundle run \\
 
 Evaluate `models/model.pt` on the validation list at the original resolution (the preprocessing is inverted):
 Dice and 95 % Hausdorff distance (mm) per class, written to `eval/metrics.csv`, per image to
-`eval/val_mean_dice_raw.csv` / `eval/val_mean_hd95_raw.csv` and summarised in `eval/*_summary.csv`:
+`eval/val_mean_dice_raw.csv` / `eval/val_mean_hd95_raw.csv` and summarised in `eval/*_summary.csv` (there the
+columns `class0`, `class1`, ... are the scored classes in `channel_def` order{'' if t['sigmoid'] else ', background left out'}):
 
 ```bash
 {run} --config_file "['{cfg}/train.json','{cfg}/evaluate.json']"
