@@ -2,7 +2,7 @@
 
 Three small pieces, each referenced from the bundles' configs:
 
-- :func:`latest_checkpoint`: the full training checkpoint to resume from (``resume: true``), or ``None``.
+- :func:`latest_checkpoint` (from :mod:`hybridmim_components.checkpoints`): the full checkpoint to resume from.
 - :class:`HausdorffDistance95`: MONAI's ``HausdorffDistance`` handler measured in millimetres, the voxel spacing read
   from each prediction's affine (MONAI's handler passes no spacing and so reports voxels).
 - :class:`BratsClassesToLabelMapd`: the inverse of ``ConvertToMultiChannelBasedOnBratsClassesd``: TC/WT/ET channels
@@ -11,9 +11,7 @@ Three small pieces, each referenced from the bundles' configs:
 """
 from __future__ import annotations
 
-import glob
 import logging
-import os
 from collections.abc import Hashable, Mapping, Sequence
 
 import torch
@@ -25,26 +23,11 @@ from monai.metrics import HausdorffDistanceMetric
 from monai.transforms import MapTransform, Transform
 from monai.utils import convert_to_dst_type
 
+from hybridmim_components.checkpoints import latest_checkpoint
+
 __all__ = ["latest_checkpoint", "HausdorffDistance95", "BratsClassesToLabelMap", "BratsClassesToLabelMapd"]
 
 logger = logging.getLogger(__name__)
-
-#: File-name pattern of the full checkpoints (model, optimiser, scheduler, trainer state) the bundles write.
-CHECKPOINT_PATTERN = "checkpoint_*.pt"
-
-
-def latest_checkpoint(ckpt_dir: str, pattern: str = CHECKPOINT_PATTERN) -> str | None:
-    """The most recently written full checkpoint ``ckpt_dir/checkpoint_*.pt``, or ``None`` (logged) when there is none.
-
-    ``models/model.pt`` (the best network weights alone) is not a full checkpoint and is never returned.
-    """
-    paths = sorted(glob.glob(os.path.join(str(ckpt_dir), pattern)), key=os.path.getmtime)
-    if not paths:
-        logger.warning(f"resume is true but no full checkpoint {pattern} in '{ckpt_dir}': starting from epoch 1.")
-        return None
-    logger.info(f"resuming from full checkpoint '{paths[-1]}'.")
-    return paths[-1]
-
 
 class _SpacingHausdorffDistanceMetric(HausdorffDistanceMetric):
     """``HausdorffDistanceMetric`` that takes the voxel spacing from the prediction's affine when none is given."""

@@ -22,10 +22,8 @@ Engine outputs (``engine.state.output``, not decollated) are dicts with ``"image
 """
 from __future__ import annotations
 
-import glob
 import logging
 import os
-import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -37,6 +35,7 @@ from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
 from monai.engines.utils import PrepareBatch
 from monai.utils import CommonKeys as Keys
 
+from hybridmim_components.checkpoints import latest_checkpoint
 from hybridmim_components.masking import MIM_KEYS, masked_voxels_in_region
 
 __all__ = [
@@ -303,25 +302,8 @@ class ReseedHandler:
             self.generator.manual_seed(self.seed)
 
 
+
 # --- checkpoints ------------------------------------------------------------------------------------------------------
-def latest_checkpoint(ckpt_dir: str | None, prefix: str = "checkpoint") -> str | None:
-    """The newest full training checkpoint ``{ckpt_dir}/{prefix}*.pt``, or ``None`` when there is none.
-
-    Newest = latest modification time; ties are broken by the number in the name (``checkpoint_epoch=12.pt``).
-    """
-    if not ckpt_dir or not os.path.isdir(ckpt_dir):
-        return None
-    candidates = [p for p in glob.glob(os.path.join(glob.escape(ckpt_dir), f"{prefix}*.pt")) if os.path.isfile(p)]
-    if not candidates:
-        return None
-
-    def key(path: str):
-        numbers = re.findall(r"=(\d+)", os.path.basename(path))
-        return os.path.getmtime(path), int(numbers[-1]) if numbers else -1
-
-    return max(candidates, key=key)
-
-
 class ResumeFromLatestCheckpoint:
     """Attach a MONAI ``CheckpointLoader`` for the newest full checkpoint in ``ckpt_dir`` when ``enabled``.
 

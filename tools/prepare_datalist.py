@@ -38,7 +38,7 @@ import json
 import os
 import random
 import re
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 __all__ = ["btcv", "msd", "brats", "pool", "split_indices", "BTCV_SWINUNETR_VALIDATION", "BRATS_MODALITIES"]
 

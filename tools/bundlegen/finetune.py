@@ -798,8 +798,8 @@ def metadata(backbone: str, task: str) -> dict:
 
 
 REFERENCES = [
-    "Xiong Z, Chen Z, Xing Z, et al. HybridMIM: A Hybrid Masked Image Modeling Framework for 3D Medical Image "
-    "Segmentation. IEEE Journal of Biomedical and Health Informatics (2024). arXiv:2303.10333.",
+    "Xing Z, Zhu L, Yu L, Xing Z, Wan L. Hybrid Masked Image Modeling for 3D Medical Image Segmentation. "
+    "IEEE Journal of Biomedical and Health Informatics (2024). arXiv:2303.10333 (HybridMIM).",
     "Hatamizadeh A, Nath V, Tang Y, Yang D, Roth HR, Xu D. Swin UNETR: Swin Transformers for Semantic Segmentation "
     "of Brain Tumors in MRI Images. BrainLes 2021, arXiv:2201.01266.",
     "Cardoso MJ, et al. MONAI: An open-source framework for deep learning in healthcare. arXiv:2211.02701 (2022).",
@@ -846,7 +846,7 @@ def readme(backbone: str, task: str) -> str:
 ## Model Overview
 
 {b['title']} for {t['title']} on {t['modality']} images, finetuned from **HybridMIM** self-supervised pretraining.
-HybridMIM (Xiong et al., IEEE JBHI 2024) pretrains a 3D segmentation network on unlabelled volumes with two-level
+HybridMIM (Xing et al., IEEE JBHI 2024) pretrains a 3D segmentation network on unlabelled volumes with two-level
 masking and four objectives: partial-region reconstruction (pixel level), prediction of the number and the location
 of masked patches in each sub-volume (region level) and dropout-based contrastive learning (sample level). Encoder
 *and* decoder are pretrained; for finetuning only the last 1x1x1 layer (`{b['last_layer']}`) is replaced by a fresh

@@ -162,7 +162,7 @@ ENGINE_OUTPUT_LOSS = "$lambda output: {'loss': output['loss'].item()}"
 
 
 def _train_config(spec: Spec) -> dict:
-    loss_terms = f"$mim.loss_terms_transform(@loss, @optimizer)"
+    loss_terms = "$mim.loss_terms_transform(@loss, @optimizer)"
     full_ckpt = {
         "network": "@network_def",
         "optimizer": "@optimizer",
@@ -496,8 +496,8 @@ def _metadata(spec: Spec) -> dict:
         "pred_classes": "reconstruction of the original (unmasked) intensities in the central region",
         "intended_use": "Pretraining backbone weights for the HybridMIM finetuning bundles; not for clinical use.",
         "references": [
-            "Xiong, Z. et al. HybridMIM: A Hybrid Masked Image Modeling Framework for 3D Medical Image "
-            "Segmentation. IEEE Journal of Biomedical and Health Informatics, 2024.",
+            "Xing, Z., Zhu, L., Yu, L., Xing, Z., Wan, L. Hybrid Masked Image Modeling for 3D Medical Image "
+            "Segmentation. IEEE Journal of Biomedical and Health Informatics, 2024. arXiv:2303.10333 (HybridMIM).",
             "Hatamizadeh, A. et al. Swin UNETR: Swin Transformers for Semantic Segmentation of Brain Tumors in MRI "
             "Images. BrainLes 2021." if spec.backbone == "swin" else
             "Falk, T. et al. U-Net: deep learning for cell counting, detection, and morphometry. Nature Methods, 2019.",
@@ -697,8 +697,8 @@ The finetuning bundles refuse to start when anything but the last layer is missi
 
 ## References
 
-- Xiong, Z. et al. HybridMIM: A Hybrid Masked Image Modeling Framework for 3D Medical Image Segmentation. IEEE
-  Journal of Biomedical and Health Informatics, 2024.
+- Xing, Z., Zhu, L., Yu, L., Xing, Z., Wan, L. Hybrid Masked Image Modeling for 3D Medical Image Segmentation. IEEE
+  Journal of Biomedical and Health Informatics, 2024. arXiv:2303.10333 (HybridMIM).
 - {"Hatamizadeh, A. et al. Swin UNETR: Swin Transformers for Semantic Segmentation of Brain Tumors in MRI Images. BrainLes 2021." if spec.backbone == "swin" else "Falk, T. et al. U-Net: deep learning for cell counting, detection, and morphometry. Nature Methods 16, 2019 (MONAI BasicUNet)."}
 - Gao, T. et al. SimCSE: Simple Contrastive Learning of Sentence Embeddings. EMNLP 2021.
 
