@@ -57,6 +57,37 @@ see docs/data_license.txt.
 """
 
 
+DEVICE = "$torch.device('cuda:0' if torch.cuda.is_available() else 'cpu')"
+# under torchrun each process drives the GPU of its local rank (LOCAL_RANK, not the global rank: multi-node safe)
+DDP_DEVICE = "$torch.device('cuda:' + os.environ.get('LOCAL_RANK', '0') if torch.cuda.is_available() else 'cpu')"
+DDP_NETWORK = {
+    "_target_": "torch.nn.parallel.DistributedDataParallel",
+    "module": "$@network_def.to(@device)",
+    "device_ids": "$[@device] if torch.cuda.is_available() else None",
+}
+ADAMW = {
+    "_target_": "torch.optim.AdamW",
+    "params": "$@network.parameters()",
+    "lr": "@learning_rate",
+    "weight_decay": "@weight_decay",
+}
+
+
+def location_keys(dataset_dir: str) -> dict:
+    """The first keys of every train/inference config: where the bundle, its outputs and its data are; the device.
+
+    ``data_list_file_path`` is relative to ``dataset_dir`` (or absolute): ``tools/prepare_datalist.py`` writes it.
+    """
+    return {
+        "bundle_root": ".",
+        "ckpt_dir": "$@bundle_root + '/models'",
+        "output_dir": "$@bundle_root + '/eval'",
+        "dataset_dir": dataset_dir,
+        "data_list_file_path": "datalist.json",
+        "device": DEVICE,
+    }
+
+
 def metadata_header(description: str, task: str) -> dict:
     """The metadata fields every bundle shares (schema, versions, authors); families add the rest."""
     return {

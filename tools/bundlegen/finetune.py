@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 
-from tools.bundlegen.common import metadata_header
+from tools.bundlegen.common import ADAMW, DDP_DEVICE, DDP_NETWORK, location_keys, metadata_header
 from tools.bundlegen.figures import performance_section
 
 __all__ = ["TASKS", "BACKBONES", "bundle_name", "bundles", "build_bundle"]
@@ -390,12 +390,7 @@ def train_config(backbone: str, task: str) -> dict:
     cfg: dict = {
         "imports": ["$import os", "$import torch", "$import ignite", "$import hybridmim_components",
                     "$import hybridmim_components.data", "$import hybridmim_components.finetune_workflow"],
-        "bundle_root": ".",
-        "ckpt_dir": "$@bundle_root + '/models'",
-        "output_dir": "$@bundle_root + '/eval'",
-        "dataset_dir": t["dataset_dir"],
-        "data_list_file_path": "datalist.json",
-        "device": "$torch.device('cuda:0' if torch.cuda.is_available() else 'cpu')",
+        **location_keys(t["dataset_dir"]),
         "pretrained_path": f"$@bundle_root + '/../{pretrain_bundle(backbone, task)}/models/model.pt'",
         "label_fraction": 1.0,
         "resume": False,
@@ -424,12 +419,7 @@ def train_config(backbone: str, task: str) -> dict:
                 else {"_target_": "DiceCELoss", "to_onehot_y": True, "softmax": True, "squared_pred": True,
                       "smooth_nr": 0.0, "smooth_dr": 1e-6}
             ),
-            "optimizer": {
-                "_target_": "torch.optim.AdamW",
-                "params": "$@network.parameters()",
-                "lr": "@learning_rate",
-                "weight_decay": "@weight_decay",
-            },
+            "optimizer": dict(ADAMW),
             # linear warm-up over warmup_epochs, then cosine decay to 0 at max_epochs; stepped every iteration
             "lr_scheduler": {
                 "_target_": "monai.optimizers.WarmupCosineSchedule",
@@ -602,12 +592,8 @@ def evaluate_config(backbone: str, task: str) -> dict:
 
 def multi_gpu_config(backbone: str, task: str) -> dict:
     return {
-        "device": "$torch.device(f'cuda:{dist.get_rank()}') if torch.cuda.is_available() else torch.device('cpu')",
-        "network": {
-            "_target_": "torch.nn.parallel.DistributedDataParallel",
-            "module": "$@network_def.to(@device)",
-            "device_ids": "$[@device] if torch.cuda.is_available() else None",
-        },
+        "device": DDP_DEVICE,
+        "network": dict(DDP_NETWORK),
         "train#sampler": {"_target_": "DistributedSampler", "dataset": "@train#dataset", "even_divisible": True,
                           "shuffle": True},
         "train#dataloader#sampler": "@train#sampler",
@@ -639,12 +625,7 @@ def inference_config(backbone: str, task: str) -> dict:
     cfg: dict = {
         "imports": ["$import os", "$import torch", "$import hybridmim_components",
                     "$import hybridmim_components.data", "$import hybridmim_components.finetune_workflow"],
-        "bundle_root": ".",
-        "ckpt_dir": "$@bundle_root + '/models'",
-        "output_dir": "$@bundle_root + '/eval'",
-        "dataset_dir": t["dataset_dir"],
-        "data_list_file_path": "datalist.json",
-        "device": "$torch.device('cuda:0' if torch.cuda.is_available() else 'cpu')",
+        **location_keys(t["dataset_dir"]),
         "amp": True,
         "roi_size": [t["roi"]] * 3,
         "pixdim": t["pixdim"],

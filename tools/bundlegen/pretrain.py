@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
-from tools.bundlegen.common import metadata_header
+from tools.bundlegen.common import ADAMW, DDP_DEVICE, DDP_NETWORK, metadata_header, location_keys
 from tools.bundlegen.figures import performance_section
 
 MIM = "hybridmim_components.pretrain_workflow"
@@ -103,12 +103,7 @@ def _head(spec: Spec) -> dict:
             f"$import {MIM} as mim",
             "$from hybridmim_components.data import load_datalist",
         ],
-        "bundle_root": ".",
-        "ckpt_dir": "$@bundle_root + '/models'",
-        "output_dir": "$@bundle_root + '/eval'",
-        "dataset_dir": spec.dataset_dir,
-        "data_list_file_path": "datalist.json",  # relative to dataset_dir, or absolute
-        "device": "$torch.device('cuda:0' if torch.cuda.is_available() else 'cpu')",
+        **location_keys(spec.dataset_dir),
         "seed": 0,
         "in_channels": spec.in_channels,
         "roi_size": [spec.roi] * 3,
@@ -193,12 +188,7 @@ def _train_config(spec: Spec) -> dict:
             "contrastive_weight": 0.1,
             "temperature": 0.5,
         },
-        "optimizer": {
-            "_target_": "torch.optim.AdamW",
-            "params": "$@network.parameters()",
-            "lr": "@learning_rate",
-            "weight_decay": "@weight_decay",
-        },
+        "optimizer": dict(ADAMW),
         "lr_scheduler": {
             "_target_": "monai.optimizers.WarmupCosineSchedule",
             "optimizer": "@optimizer",
@@ -371,12 +361,8 @@ def _multi_gpu_config(train: dict) -> dict:
                  if h["_target_"] in ("StatsHandler", "TensorBoardStatsHandler", f"{MIM}.MIMPreviewHandler",
                                       "CheckpointSaver")]
     config = {
-        "device": "$torch.device('cuda:' + os.environ.get('LOCAL_RANK', '0') if torch.cuda.is_available() else 'cpu')",
-        "network": {
-            "_target_": "torch.nn.parallel.DistributedDataParallel",
-            "module": "$@network_def.to(@device)",
-            "device_ids": "$[@device] if torch.cuda.is_available() else None",
-        },
+        "device": DDP_DEVICE,
+        "network": dict(DDP_NETWORK),
         "train#sampler": {
             "_target_": "DistributedSampler",
             "dataset": "@train#dataset",
