@@ -116,6 +116,24 @@ class HybridMIMNet(nn.Module):
             slices.append(slice(start, start + region))
         return tuple(slices)  # type: ignore[return-value]
 
+    def check_crop(self, roi_size: int | Sequence[int], patch_size: int | None = None) -> tuple[slice, slice, slice]:
+        """Fail fast, when a bundle starts, on crop settings that would only break at the first batch.
+
+        Checks that ``roi_size`` is a multiple of the sub-volume size, that ``patch_size`` (if given) is half of it,
+        and that the region fits the crop; returns where the region will sit.
+        """
+        roi = _triple(roi_size, "roi_size")
+        bad = [n for n in roi if n <= 0 or n % self.sub_volume_size]
+        if bad:
+            raise ValueError(
+                f"roi_size={roi} must be positive multiples of sub_volume_size={self.sub_volume_size} (sides {bad})."
+            )
+        if patch_size is not None and 2 * int(patch_size) != self.sub_volume_size:
+            raise ValueError(
+                f"patch_size={patch_size} must be half of sub_volume_size={self.sub_volume_size} (2×2×2 patches)."
+            )
+        return self.region_slices(roi)
+
     def check_input(self, x: torch.Tensor) -> None:
         if x.ndim != 5:
             raise ValueError(f"expected a B×C×D×H×W batch, got shape {tuple(x.shape)}.")

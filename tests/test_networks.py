@@ -117,3 +117,14 @@ def test_backbone_weights_load_into_plain_monai_network(tmp_path, backbone, chan
     for name, value in finetune.state_dict().items():
         if not name.startswith(last):
             assert torch.equal(value, source[name]), name
+
+
+def test_check_crop_fails_fast_with_the_sizes_named():
+    net = tiny("unet", region=64)
+    assert net.check_crop((96, 96, 96), patch_size=16) == (slice(16, 80),) * 3
+    with pytest.raises(ValueError, match=r"roi_size=\(96, 96, 80\).*sub_volume_size=32"):
+        net.check_crop((96, 96, 80))
+    with pytest.raises(ValueError, match="patch_size=8"):
+        net.check_crop(96, patch_size=8)
+    with pytest.raises(ValueError, match="larger than the crop"):
+        net.check_crop(32)

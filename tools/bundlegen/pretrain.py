@@ -347,6 +347,8 @@ def _train_initialize(seed: str = "@seed", saver_condition: str = "") -> list:
     if saver_condition:
         saver = f"$@train#checkpoint_saver.attach(@train#trainer) if {saver_condition} else None"
     return [
+        # crop, sub-volume, patch and region sizes are checked before any data is loaded or cached
+        "$@network_def.check_crop(@roi_size, @patch_size)",
         f"$monai.utils.set_determinism(seed={seed})",
         saver,
         "$@train#checkpoint_loader.attach(@train#trainer)",
