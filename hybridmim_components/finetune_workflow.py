@@ -25,9 +25,22 @@ from monai.utils import convert_to_dst_type
 
 from hybridmim_components.checkpoints import latest_checkpoint
 
-__all__ = ["latest_checkpoint", "HausdorffDistance95", "BratsClassesToLabelMap", "BratsClassesToLabelMapd"]
+__all__ = ["check_roi_size", "latest_checkpoint", "HausdorffDistance95", "BratsClassesToLabelMap", "BratsClassesToLabelMapd"]
 
 logger = logging.getLogger(__name__)
+
+def check_roi_size(roi_size: Sequence[int], multiple: int) -> None:
+    """Fail when a bundle starts (before data is cached) on a crop the network cannot take.
+
+    Args:
+        roi_size: the bundle's ``roi_size`` (training crops and sliding-window patches).
+        multiple: what every side must be a multiple of (SwinUNETR 32, BasicUNet 16).
+    """
+    sides = [int(n) for n in roi_size]
+    bad = [n for n in sides if n <= 0 or n % multiple]
+    if len(sides) != 3 or bad:
+        raise ValueError(f"roi_size={sides} must be 3 positive multiples of {multiple} for this network (sides {bad}).")
+
 
 class _SpacingHausdorffDistanceMetric(HausdorffDistanceMetric):
     """``HausdorffDistanceMetric`` that takes the voxel spacing from the prediction's affine when none is given."""

@@ -37,6 +37,7 @@ from monai.utils import CommonKeys as Keys
 
 from hybridmim_components.checkpoints import latest_checkpoint
 from hybridmim_components.masking import MIM_KEYS, masked_voxels_in_region
+from hybridmim_components.transfer import extract_state_dict
 
 __all__ = [
     "PrepareMIMBatch",
@@ -380,6 +381,7 @@ class BestMetricState:
 
 
 def _strip_prefixes(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop DDP's ``module.`` prefix only: a whole pretraining network's keys start with ``backbone.`` legitimately."""
     return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
 
 
@@ -414,8 +416,9 @@ def load_pretrain_checkpoint(
         )
     if not os.path.isfile(model_path):
         raise FileNotFoundError(f"pretrained backbone weights '{model_path}' not found (train the bundle first).")
-    state = torch.load(model_path, map_location=map_location, weights_only=True)
-    net.backbone.load_state_dict(_strip_prefixes(state), strict=True)
+    # the backbone file may come from elsewhere too: accept the layouts the finetune loader accepts
+    state = extract_state_dict(torch.load(model_path, map_location=map_location, weights_only=True))
+    net.backbone.load_state_dict(state, strict=True)
     logger.info(f"loaded the backbone from {model_path}")
     return network
 

@@ -470,3 +470,13 @@ def test_latest_checkpoint_takes_the_newest_full_checkpoint(tmp_path):
         os.utime(path, (1000 + i, 1000 + i))
     os.utime(tmp_path / "model.pt", (5000, 5000))  # newest file, but not a full checkpoint
     assert latest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint_final.pt")
+
+
+def test_check_roi_size_names_the_bad_sides():
+    from hybridmim_components.finetune_workflow import check_roi_size
+
+    check_roi_size([96, 96, 64], 32)
+    with pytest.raises(ValueError, match=r"roi_size=\[96, 96, 48\].*multiples of 32.*\[48\]"):
+        check_roi_size([96, 96, 48], 32)
+    with pytest.raises(ValueError, match="3 positive multiples of 16"):
+        check_roi_size([32, 32], 16)

@@ -192,12 +192,14 @@ BACKBONES = {
         "width_key": "feature_size",
         "width": 48,
         "last_layer": "out.*",
+        "roi_multiple": 32,  # SwinUNETR down-samples 5 times
     },
     "unet": {
         "title": "UNet (MONAI BasicUNet)",
         "width_key": "features",
         "width": [32, 32, 64, 128, 256, 32],
         "last_layer": "final_conv.*",
+        "roi_multiple": 16,  # BasicUNet down-samples 4 times
     },
 }
 
@@ -539,6 +541,7 @@ def train_config(backbone: str, task: str) -> dict:
         },
     }
     cfg["initialize"] = [
+        f"$hybridmim_components.finetune_workflow.check_roi_size(@roi_size, {b['roi_multiple']})",
         f"$monai.utils.set_determinism(seed={SEED})",
         # backbone weights of the pretraining bundle (encoder and decoder; only the last layer starts from scratch);
         # the loader logs its report and stops on weights that do not fit
@@ -608,6 +611,7 @@ def multi_gpu_config(backbone: str, task: str) -> dict:
             "$import torch.distributed as dist",
             "$dist.is_initialized() or dist.init_process_group(backend='nccl' if torch.cuda.is_available() else 'gloo')",
             "$torch.cuda.set_device(@device) if torch.cuda.is_available() else None",
+            f"$hybridmim_components.finetune_workflow.check_roi_size(@roi_size, {BACKBONES[backbone]['roi_multiple']})",
             f"$monai.utils.set_determinism(seed={SEED})",
             "$hybridmim_components.load_pretrained_weights(@network_def, @pretrained_path)",
             "$@train#checkpoint_saver.attach(@train#trainer) if dist.get_rank() == 0 else None",
