@@ -23,6 +23,7 @@ __all__ = [
     "HierarchicalMaskd",
     "patch_mask_to_labels",
     "masked_voxels_in_region",
+    "patches_to_voxels",
     "MIM_KEYS",
 ]
 
@@ -52,6 +53,14 @@ def patch_mask_to_labels(patch_mask: torch.Tensor) -> tuple[torch.Tensor, torch.
     return count, location
 
 
+def patches_to_voxels(patch_mask: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """Expand a ``[..., d, h, w]`` patch mask to voxels: ``[..., d·p, h·p, w·p]``."""
+    voxels = patch_mask.bool()
+    for dim in (-3, -2, -1):
+        voxels = voxels.repeat_interleave(patch_size, dim=dim)
+    return voxels
+
+
 def masked_voxels_in_region(
     patch_mask: torch.Tensor, region_slices: Sequence[slice], patch_size: int
 ) -> torch.Tensor:
@@ -65,10 +74,7 @@ def masked_voxels_in_region(
     Returns:
         ``B×1×Rd×Rh×Rw`` bool.
     """
-    voxels = patch_mask.bool()
-    for dim in (1, 2, 3):  # expand each patch to p³ voxels
-        voxels = voxels.repeat_interleave(patch_size, dim=dim)
-    return voxels[(slice(None), *region_slices)].unsqueeze(1)
+    return patches_to_voxels(patch_mask, patch_size)[(slice(None), *region_slices)].unsqueeze(1)
 
 
 class HierarchicalMask(Randomizable, Transform):
@@ -128,8 +134,7 @@ class HierarchicalMask(Randomizable, Transform):
         if randomize or self._patch_mask is None:
             self.randomize(grid)
         patch_mask = torch.from_numpy(self._patch_mask)
-        p = self.patch_size
-        voxels = patch_mask.repeat_interleave(p, 0).repeat_interleave(p, 1).repeat_interleave(p, 2)
+        voxels = patches_to_voxels(patch_mask, self.patch_size)
         masked = img.clone()
         masked[:, voxels.to(img.device)] = self.mask_value
         count, location = patch_mask_to_labels(patch_mask)

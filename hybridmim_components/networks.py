@@ -134,16 +134,6 @@ class HybridMIMNet(nn.Module):
             )
         return self.region_slices(roi)
 
-    def check_input(self, x: torch.Tensor) -> None:
-        if x.ndim != 5:
-            raise ValueError(f"expected a B×C×D×H×W batch, got shape {tuple(x.shape)}.")
-        bad = [int(n) for n in x.shape[2:] if n % max(self.sub_volume_size, self.bottleneck_stride)]
-        if bad:
-            raise ValueError(
-                f"crop {tuple(x.shape[2:])} must have sides that are multiples of sub_volume_size="
-                f"{self.sub_volume_size} (and of the bottleneck stride {self.bottleneck_stride})."
-            )
-
     def forward_heads(self, bottleneck: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Number logits ``B×N×9`` and location logits ``B×N×8`` from the bottleneck ``B×F×d×h×w``."""
         k = self.sub_volume_size // self.bottleneck_stride
@@ -162,7 +152,9 @@ class HybridMIMNet(nn.Module):
         ``number_logits`` (``B×N×9``), ``location_logits`` (``B×N×8``) and ``embeddings``: two ``B×P`` dropout views,
         or ``None`` in eval mode or with ``contrastive_views="none"``.
         """
-        self.check_input(x)
+        if x.ndim != 5:
+            raise ValueError(f"expected a B×C×D×H×W batch, got shape {tuple(x.shape)}.")
+        region = self.check_crop(x.shape[2:])  # sides are multiples of the sub-volume; where the region sits
         batch = x.shape[0]
         contrast = self.training and self.contrastive_views != "none"
         embeddings = None
@@ -176,7 +168,6 @@ class HybridMIMNet(nn.Module):
                 with torch.no_grad():
                     second = self.forward_embedding(self.forward_encoder(x)[-1])
                 embeddings = (self.forward_embedding(features[-1]), second)
-        region = self.region_slices(x.shape[2:])
         number_logits, location_logits = self.forward_heads(features[-1])
         return {
             "reconstruction": self.forward_decoder(x, features, region),
