@@ -106,6 +106,8 @@ def _head(spec: Spec) -> dict:
         **location_keys(spec.dataset_dir),
         "seed": 0,
         "in_channels": spec.in_channels,
+        "pixdim": [1.5, 1.5, 2.0] if spec.ct else [1.0, 1.0, 1.0],
+        **({"a_min": -1000.0, "a_max": 1000.0} if spec.ct else {}),
         "roi_size": [spec.roi] * 3,
         "region_size": [spec.region] * 3,
         "sub_volume_size": 32,
@@ -127,14 +129,14 @@ def _deterministic_transforms(spec: Spec) -> list:
     ]
     if spec.ct:
         intensity = [
-            {"_target_": "Spacingd", "keys": keys, "pixdim": [1.5, 1.5, 2.0], "mode": "bilinear"},
-            {"_target_": "ScaleIntensityRanged", "keys": keys, "a_min": -1000, "a_max": 1000,
+            {"_target_": "Spacingd", "keys": keys, "pixdim": "@pixdim", "mode": "bilinear"},
+            {"_target_": "ScaleIntensityRanged", "keys": keys, "a_min": "@a_min", "a_max": "@a_max",
              "b_min": 0.0, "b_max": 1.0, "clip": True},
             {"_target_": "CropForegroundd", "keys": keys, "source_key": keys, "allow_smaller": True},
         ]
     else:
         intensity = [
-            {"_target_": "Spacingd", "keys": keys, "pixdim": [1.0, 1.0, 1.0], "mode": "bilinear"},
+            {"_target_": "Spacingd", "keys": keys, "pixdim": "@pixdim", "mode": "bilinear"},
             {"_target_": "CropForegroundd", "keys": keys, "source_key": keys, "allow_smaller": True},
             {"_target_": "NormalizeIntensityd", "keys": keys, "nonzero": True, "channel_wise": True},
         ]
