@@ -839,8 +839,12 @@ one with {n} output channels ({classes}).
 
 This bundle starts from the backbone weights written by the `{pre}` bundle of this collection
 (`pretrained_path`, default `$@bundle_root + '/../{pre}/models/model.pt'`), or from scratch with
-`--pretrained_path ""`. The weight loader logs what it loaded and stops with a report if anything but the last
-layer does not fit (wrong backbone, width or input channels), instead of silently training from random weights.
+`--pretrained_path ""`. `pretrained_path` may be a checkpoint file or a pretraining bundle folder (one with
+`configs/metadata.json` and `models/model.pt`, e.g. one downloaded with `python -m monai.bundle download`); from a
+folder its `models/model.pt` is loaded, after checking it against the SHA-256 the bundle's `large_files.yml` lists
+(a mismatch stops the run, naming the file and both hashes). The weight loader logs what it loaded and stops with a
+report if anything but the last layer does not fit (wrong backbone, width or input channels), instead of silently
+training from random weights.
 
 Network: `monai.networks.nets.{'SwinUNETR' if backbone == 'swin' else 'BasicUNet'}`, {width}, {t['in_channels']}
 input channel(s), {n} output channels{' (sigmoid)' if t['sigmoid'] else ' (softmax)'}.
@@ -921,6 +925,15 @@ Train from the HybridMIM pretrained backbone (train the `{pre}` bundle first, or
 
 ```bash
 {run} --config_file {cfg}/train.json --dataset_dir {t['dataset_dir']}
+```
+
+From pretrained weights someone shared as a bundle zip (packed with the repository's `tools/pack_bundle.py`):
+download it, then pass the bundle folder:
+
+```bash
+python -m monai.bundle download --name {pre} --url <URL of {pre}_v<version>.zip> --bundle_dir downloaded
+{run} --config_file {cfg}/train.json --dataset_dir {t['dataset_dir']} \\
+    --pretrained_path downloaded/{pre}
 ```
 
 From-scratch baseline (no pretraining):
