@@ -181,7 +181,8 @@ def pack_bundle(
             )
         line = changelog or f"pretrained weights models/model.pt, sha256 {digest}"
         # newest first, as the model zoo's metadata lists it
-        metadata["changelog"] = {version: line, **{k: v for k, v in metadata.get("changelog", {}).items() if k != version}}
+        older = {k: v for k, v in metadata.get("changelog", {}).items() if k != version}
+        metadata["changelog"] = {version: line, **older}
         metadata["version"] = version
         metadata_text = json.dumps(metadata, indent=4) + "\n"
     elif changelog is not None:
@@ -190,7 +191,8 @@ def pack_bundle(
 
     included, left_out = _bundle_files(bundle)
     large_files = _large_files_yml(name, digest, url or _existing_url(bundle) or URL_PLACEHOLDER)
-    left_out = [f for f in left_out if f != LARGE_FILES]  # replaced by the new one
+    # the old manifest is replaced; placeholders such as models/.gitkeep are not worth a mention
+    left_out = [f for f in left_out if f != LARGE_FILES and not os.path.basename(f).startswith(".")]
     members = {rel: os.path.join(bundle, rel) for rel in included}
     members[LARGE_FILES] = None
 
