@@ -12,8 +12,8 @@ What is written into ``out_dir`` (paths in the datalists are relative to it)::
     images/abdomen_val.nii.gz      labelled CT, slices 20-29                                 finetune validation/testing
     labels/{btcv,spleen}_{train,val}.nii.gz   TotalSegmentator classes mapped to BTCV's 13 organs / to the spleen
     images/pool_lower_body.nii.gz  the unlabelled slices 0-81 of the same CT (below the labelled block)
-    images/pool_aorta_ct.nii.gz    the second CT (1.5 mm), without its top 48 slices
-    images/pool_aorta_ct_top.nii.gz  those top 48 slices                                     pretraining validation
+    images/pool_aorta_ct.nii.gz    the second CT (1.5 mm), without its top 64 slices
+    images/pool_aorta_ct_top.nii.gz  those top 64 slices                                     pretraining validation
     datalist_btcv.json, datalist_spleen.json, datalist_pool.json
 
 One labelled scan is too few to split by patient, so the labelled block is split by slices (upper abdomen: training
@@ -90,8 +90,8 @@ TARGETS = {"btcv": BTCV_FROM_TOTALSEGMENTATOR, "spleen": SPLEEN_FROM_TOTALSEGMEN
 
 #: the labelled block is 30 slices; the first TRAIN_SLICES go to training, the rest to validation
 TRAIN_SLICES = 20
-#: slices of the second CT (1.5 mm) held out for the pretraining validation
-POOL_VAL_SLICES = 48
+#: slices of the second CT (1.5 mm) held out for the pretraining validation (96 mm: one 32-slice crop at 3 mm)
+POOL_VAL_SLICES = 64
 
 
 class DemoDataError(RuntimeError):

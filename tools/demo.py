@@ -1,0 +1,442 @@
+"""HybridMIM on a real CT in one command: pretrain, finetune from the weights and from scratch, infer, compare.
+
+Every stage drives a bundle through ``python -m monai.bundle run`` with overrides only, exactly as a user would; the
+full log of each run is kept in ``<out_dir>/logs/``. The overrides shrink the paper's GPU settings to a CPU demo:
+3 mm voxels, 64×64×32 pretraining crops with 16-voxel sub-volumes (48 mm, the paper's sub-volume at 1.5 mm is 48 mm
+too), a narrow UNet, a few hundred steps. Data: :mod:`tools.fetch_demo_ct` (a real TotalSegmentator test CT).
+
+Stages::
+
+    1 data        tools/fetch_demo_ct.py (download once, hash check, labels mapped to BTCV / spleen)
+    2 pretrain    bundles/hybridmim_unet_pretrain/configs/train.json on the unlabelled pool
+    3 reconstruct bundles/hybridmim_unet_pretrain/configs/inference.json (masked input and reconstruction)
+    4 finetune    bundles/hybridmim_unet_<task>/configs/train.json from the pretrained weights
+    5 finetune    the same from scratch (same seed, steps and augmentations)
+    6 infer       inference.json of both finetunes on the held-out slices; Dice against the ground truth
+
+It prints the pretext metrics at the first and last validation against their trivial baselines and the Dice of both
+finetunes, writes ``summary.json`` / ``summary.md`` and two PNGs (``segmentation.png``, ``reconstruction.png``).
+A tiny CPU demo: one scan, minutes of training; not the paper's experiment.
+
+    python tools/demo.py                       # CPU, ~10 minutes on 2 cores
+    python tools/demo.py --device cuda --pretrain_steps 2000 --finetune_steps 1000
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+
+import numpy as np
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)
+
+from tools import fetch_demo_ct  # noqa: E402
+
+BUNDLES = os.path.join(REPO_ROOT, "bundles")
+PRETRAIN = "hybridmim_unet_pretrain"
+FINETUNE = {"spleen": "hybridmim_unet_msd_spleen", "btcv": "hybridmim_unet_btcv"}
+ITERATION = re.compile(r"Epoch: (\d+)/(\d+), Iter: (\d+)/(\d+)")
+# BTCV organ names in label order (background first), as the BTCV bundles name them
+BTCV_NAMES = ["spleen", "right kidney", "left kidney", "gallbladder", "esophagus", "liver", "stomach", "aorta",
+              "inferior vena cava", "portal and splenic veins", "pancreas", "right adrenal", "left adrenal"]
+
+
+class StageFailed(RuntimeError):
+    pass
+
+
+# ------------------------------------------------------------------------------------------------- running bundles
+def overrides_to_args(overrides: dict) -> list[str]:
+    """``{"roi_size": [64, 64, 64], "amp": False}`` -> ``["--roi_size", "[64, 64, 64]", "--amp", "false"]``."""
+    args = []
+    for key, value in overrides.items():
+        args += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
+    return args
+
+
+def bundle_command(bundle: str, configs: Sequence[str], overrides: dict) -> list[str]:
+    root = os.path.join(BUNDLES, bundle)
+    files = [os.path.join(root, "configs", c) for c in configs]
+    config = files[0] if len(files) == 1 else json.dumps(files)
+    return [sys.executable, "-m", "monai.bundle", "run", "--config_file", config, "--bundle_root", root,
+            *overrides_to_args(overrides)]
+
+
+def run_stage(title: str, command: list[str], log_path: str, total_steps: int | None = None) -> float:
+    """Run one bundle command with a progress bar fed by its iteration log lines; returns the wall time (s)."""
+    from tqdm import tqdm
+
+    os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    start = time.time()
+    with open(log_path, "w", encoding="utf-8") as log, tqdm(total=total_steps, desc=title, unit="step",
+                                                           dynamic_ncols=True, leave=True) as bar:
+        log.write("$ " + " ".join(command) + "\n\n")
+        log.flush()
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        proc = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, bufsize=1)
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            log.write(line)
+            match = ITERATION.search(line)
+            if match and total_steps:
+                epoch, _, it, per_epoch = (int(g) for g in match.groups())
+                bar.n = min(total_steps, (epoch - 1) * per_epoch + it)
+                bar.refresh()
+        code = proc.wait()
+        if code == 0 and total_steps:
+            bar.n = total_steps
+            bar.refresh()
+    if code != 0:
+        with open(log_path, encoding="utf-8") as f:
+            tail = "".join(f.readlines()[-25:])
+        raise StageFailed(f"{title} failed (exit {code}); full log: {log_path}\n{tail}")
+    return time.time() - start
+
+
+def validation_handler_index(bundle: str) -> int:
+    """Position of ``ValidationHandler`` in the bundle's ``train#handlers`` (to switch on validation at start)."""
+    with open(os.path.join(BUNDLES, bundle, "configs", "train.json"), encoding="utf-8") as f:
+        handlers = json.load(f)["train"]["handlers"]
+    for i, handler in enumerate(handlers):
+        if handler.get("_target_", "").endswith("ValidationHandler"):
+            return i
+    raise StageFailed(f"{bundle}/configs/train.json has no ValidationHandler in train#handlers")
+
+
+# ------------------------------------------------------------------------------------------------------- settings
+def device_overrides(device: str) -> dict:
+    cuda = device.startswith("cuda")
+    return {"device": f"$torch.device('{device}')", "amp": cuda}
+
+
+def pretrain_overrides(args, run_dir: str) -> dict:
+    steps_per_epoch = max(1, args.pretrain_steps // args.pretrain_validations)
+    validation = validation_handler_index(PRETRAIN)
+    return {
+        "dataset_dir": args.data_dir,
+        "data_list_file_path": "datalist_pool.json",
+        "ckpt_dir": os.path.join(run_dir, "models"),
+        "output_dir": os.path.join(run_dir, "eval"),
+        "seed": args.seed,
+        "pixdim": [3.0, 3.0, 3.0],
+        "roi_size": [64, 64, 32],
+        "region_size": [48, 48, 16],
+        "sub_volume_size": 16,
+        "patch_size": 8,
+        "features": args.features,
+        "batch_size": 2,
+        "samples_per_volume": 4,
+        "learning_rate": args.pretrain_lr,
+        "warmup_steps": max(1, args.pretrain_steps // 20),
+        "steps_per_epoch": steps_per_epoch,
+        "train#trainer#max_epochs": args.pretrain_validations,
+        "val_interval": 1,
+        f"train#handlers#{validation}#exec_at_start": True,
+        # validate on 8 fixed random crops of the held-out CT instead of one centre crop (reseeded every validation)
+        "validate#random_transforms#0": {"_target_": "RandSpatialCropSamplesd", "keys": "image",
+                                         "roi_size": "@roi_size", "num_samples": 8, "random_size": False},
+        "train#dataloader#num_workers": 0,
+        "validate#dataloader#num_workers": 0,
+        **device_overrides(args.device),
+        **dict(args.pretrain_override),
+    }
+
+
+def finetune_overrides(args, run_dir: str, pretrained: str | None) -> dict:
+    validation = validation_handler_index(FINETUNE[args.task])
+    val_every = max(1, args.finetune_steps // 4)
+    return {
+        "dataset_dir": args.data_dir,
+        "data_list_file_path": f"datalist_{args.task}.json",
+        "ckpt_dir": os.path.join(run_dir, "models"),
+        "output_dir": os.path.join(run_dir, "eval"),
+        "pretrained_path": pretrained or "",
+        "pixdim": [3.0, 3.0, 3.0],
+        "roi_size": [64, 64, 32],
+        "features": args.features,
+        "num_samples": 4,
+        "learning_rate": args.finetune_lr,
+        "warmup_epochs": max(1, args.finetune_steps // 20),
+        "train#trainer#max_epochs": args.finetune_steps,  # one training volume: one step per epoch
+        "val_interval": val_every,
+        f"train#handlers#{validation}#exec_at_start": False,
+        "train#dataloader#num_workers": 0,
+        "validate#dataloader#num_workers": 0,
+        **device_overrides(args.device),
+    }
+
+
+def inference_overrides(args, run_dir: str, ckpt_dir: str, roi_size, extra: dict | None = None) -> dict:
+    return {
+        "dataset_dir": args.data_dir,
+        "ckpt_dir": ckpt_dir,
+        "output_dir": os.path.join(run_dir, "predictions"),
+        "pixdim": [3.0, 3.0, 3.0],
+        "roi_size": roi_size,
+        "features": args.features,
+        "dataloader#num_workers": 0,
+        **device_overrides(args.device),
+        **(extra or {}),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------- measuring
+def read_scalars(log_dir: str) -> dict[str, list[tuple[int, float]]]:
+    """All scalars of the TensorBoard event files in ``log_dir``: ``{tag: [(step, value), ...]}`` in step order."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    for name in sorted(os.listdir(log_dir)):
+        if not name.startswith("events.out.tfevents"):
+            continue
+        acc = EventAccumulator(os.path.join(log_dir, name), size_guidance={"scalars": 0})
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            scalars.setdefault(tag, []).extend((e.step, float(e.value)) for e in acc.Scalars(tag))
+    return {tag: sorted(values) for tag, values in scalars.items()}
+
+
+def dice_per_class(pred: np.ndarray, truth: np.ndarray, labels: Sequence[int]) -> dict[int, float]:
+    """Dice of each label present in ``truth`` (absent labels are left out, as MONAI's DiceMetric ignores them)."""
+    out = {}
+    for label in labels:
+        t = truth == label
+        if not t.any():
+            continue
+        p = pred == label
+        out[label] = float(2.0 * np.logical_and(p, t).sum() / (p.sum() + t.sum()))
+    return out
+
+
+def find_output(folder: str, stem: str, postfix: str) -> str:
+    for root, _, names in os.walk(folder):
+        for name in names:
+            if name.startswith(stem) and postfix in name and name.endswith(".nii.gz"):
+                return os.path.join(root, name)
+    raise StageFailed(f"no output '{stem}*{postfix}*.nii.gz' under {folder}")
+
+
+# ------------------------------------------------------------------------------------------------------- pictures
+def _axial(volume: np.ndarray, z: int) -> np.ndarray:
+    """``X×Y×Z`` (RAS) -> slice ``z`` as rows top-down = anterior up, left of the image = patient's right."""
+    return np.flipud(volume[:, :, z].T)
+
+
+def segmentation_png(path: str, ct: np.ndarray, truth: np.ndarray, preds: dict[str, np.ndarray], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    z = int(np.argmax((truth > 0).sum(axis=(0, 1))))  # the slice with the most labelled voxels
+    panels = [("CT", None), ("ground truth", truth), *preds.items()]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.4))
+    window = np.clip((ct + 160.0) / 400.0, 0, 1)  # abdominal window W400 L40
+    for ax, (name, labels) in zip(axes, panels):
+        ax.imshow(_axial(window, z), cmap="gray", vmin=0, vmax=1)
+        if labels is not None:
+            overlay = np.ma.masked_equal(_axial(labels, z), 0)
+            ax.imshow(overlay, cmap="tab20", vmin=0, vmax=19, alpha=0.55, interpolation="nearest")
+        ax.set_title(name, fontsize=9)
+        ax.axis("off")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def reconstruction_png(path: str, masked: np.ndarray, target: np.ndarray, recon: np.ndarray, offset, title: str):
+    """Middle slice of the region: masked input | reconstruction pasted into the masked crop | original."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    region = tuple(slice(o, o + s) for o, s in zip(offset, recon.shape))
+    filled = masked.copy()
+    hole = masked[region] != target[region]
+    filled[region] = np.where(hole, recon, masked[region])
+    z = region[2].start + recon.shape[2] // 2
+    panels = [("masked input", masked), ("reconstruction of the masked voxels", filled), ("original", target)]
+    fig, axes = plt.subplots(1, 3, figsize=(9.6, 3.6))
+    for ax, (name, volume) in zip(axes, panels):
+        ax.imshow(_axial(volume, z), cmap="gray", vmin=0, vmax=1)
+        ax.set_title(name, fontsize=9)
+        ax.axis("off")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------------------- main
+PRETEXT_ROWS = (
+    # (label, metric tag, baseline tag, better when)
+    ("number accuracy", "val_number_acc", "val_number_acc_baseline", "higher"),
+    ("location accuracy", "val_location_acc", "val_location_acc_baseline", "higher"),
+    ("masked-voxel MSE", "val_recon_mse", "val_recon_mse_baseline", "lower"),
+)
+
+
+def pretext_table(scalars: dict) -> tuple[list[dict], str]:
+    """Rows ``{metric, first, last, baseline, beats}`` and their Markdown table (first/last validation)."""
+    rows, lines = [], ["| pretext metric (held-out CT) | first validation | last validation | trivial baseline | "
+                       "last beats baseline |", "|---|---|---|---|---|"]
+    for label, tag, base_tag, better in PRETEXT_ROWS:
+        values = scalars.get(tag, [])
+        if not values:
+            continue
+        first, last = values[0][1], values[-1][1]
+        baseline = scalars[base_tag][-1][1] if scalars.get(base_tag) else float("nan")
+        beats = last > baseline if better == "higher" else last < baseline
+        rows.append({"metric": tag, "first": first, "last": last, "baseline": baseline, "beats_baseline": beats})
+        lines.append(f"| {label} ({better} is better) | {first:.4f} | {last:.4f} | {baseline:.4f} | "
+                     f"{'yes' if beats else 'no'} |")
+    return rows, "\n".join(lines)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="HybridMIM on a real CT: pretrain, finetune (pretrained vs scratch), "
+                                     "infer, compare. A tiny CPU demo, not the paper's experiment.")
+    parser.add_argument("--out_dir", default="demo_run", help="runs, logs, predictions, PNGs and the summary")
+    parser.add_argument("--data_dir", default="demo_data/ct", help="where tools/fetch_demo_ct.py writes the data")
+    parser.add_argument("--cache_dir", default=None, help="download cache (default ~/.cache/hybridmim)")
+    parser.add_argument("--sdist", default=None, help="a local totalsegmentator-2.18.0.tar.gz (offline)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (AMP on CUDA)")
+    parser.add_argument("--task", choices=sorted(FINETUNE), default="spleen", help="finetune bundle: MSD spleen or BTCV")
+    parser.add_argument("--features", type=json.loads, default=[16, 16, 32, 64, 128, 16],
+                        help="UNet widths (the bundles' default is [32,32,64,128,256,32])")
+    parser.add_argument("--pretrain_steps", type=int, default=300)
+    parser.add_argument("--pretrain_validations", type=int, default=5, help="validations during pretraining")
+    parser.add_argument("--pretrain_lr", type=float, default=1e-3)
+    parser.add_argument("--finetune_steps", type=int, default=200)
+    parser.add_argument("--finetune_lr", type=float, default=1e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--pretrain_override", nargs=2, action="append", default=[], metavar=("KEY", "JSON"),
+                        help="extra override of the pretraining bundle, e.g. --pretrain_override mask_value -1")
+    args = parser.parse_args(argv)
+    args.pretrain_override = [(k, json.loads(v) if v[:1] in "[{-0123456789tfn" else v) for k, v in args.pretrain_override]
+    args.out_dir, args.data_dir = os.path.abspath(args.out_dir), os.path.abspath(args.data_dir)
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    out = args.out_dir
+    logs = os.path.join(out, "logs")
+    os.makedirs(logs, exist_ok=True)
+    times: dict[str, float] = {}
+    try:
+        # 1 data
+        start = time.time()
+        print("[1/6] data: real CT from the TotalSegmentator 2.18.0 source distribution")
+        fetch_demo_ct.prepare(args.data_dir, args.cache_dir, args.sdist)
+        print(fetch_demo_ct.describe(args.data_dir))
+        times["data"] = time.time() - start
+
+        # 2 pretrain
+        pre_dir = os.path.join(out, "pretrain")
+        shutil.rmtree(pre_dir, ignore_errors=True)
+        pre = pretrain_overrides(args, pre_dir)
+        total = pre["steps_per_epoch"] * pre["train#trainer#max_epochs"]
+        times["pretrain"] = run_stage("[2/6] pretrain (UNet, HybridMIM)", bundle_command(PRETRAIN, ["train.json"], pre),
+                                      os.path.join(logs, "pretrain.log"), total)
+        model = os.path.join(pre_dir, "models", "model.pt")
+
+        # 3 reconstruction of the held-out CT by the pretrained network
+        recon_out = {"data_list_file_path": "datalist_pool.json", "seed": args.seed,
+                     **{k: pre[k] for k in ("roi_size", "region_size", "sub_volume_size", "patch_size")},
+                     **{k: v for k, v in args.pretrain_override}}
+        times["reconstruct"] = run_stage(
+            "[3/6] reconstruct held-out CT", bundle_command(PRETRAIN, ["inference.json"], inference_overrides(
+                args, pre_dir, os.path.join(pre_dir, "models"), pre["roi_size"], recon_out)),
+            os.path.join(logs, "reconstruct.log"))
+
+        # 4, 5 finetune from the pretrained weights and from scratch
+        arms = {"pretrained": model, "scratch": None}
+        for i, (arm, weights) in enumerate(arms.items()):
+            arm_dir = os.path.join(out, f"finetune_{arm}")
+            shutil.rmtree(arm_dir, ignore_errors=True)
+            times[f"finetune_{arm}"] = run_stage(
+                f"[{4 + i}/6] finetune {args.task} ({arm})",
+                bundle_command(FINETUNE[args.task], ["train.json"], finetune_overrides(args, arm_dir, weights)),
+                os.path.join(logs, f"finetune_{arm}.log"), args.finetune_steps)
+
+        # 6 inference of both finetunes on the held-out slices, Dice against the ground truth
+        import nibabel as nib
+
+        with open(os.path.join(args.data_dir, f"datalist_{args.task}.json"), encoding="utf-8") as f:
+            case = json.load(f)["validation"][0]
+        ct = np.asarray(nib.load(os.path.join(args.data_dir, case["image"])).dataobj, dtype=np.float32)
+        truth = np.asarray(nib.load(os.path.join(args.data_dir, case["label"])).dataobj).astype(np.int64)
+        stem = os.path.basename(case["image"]).split(".")[0]
+        labels = list(range(1, 14 if args.task == "btcv" else 2))
+        start, preds, dice = time.time(), {}, {}
+        for arm in arms:
+            arm_dir = os.path.join(out, f"finetune_{arm}")
+            run_stage(f"[6/6] infer ({arm})", bundle_command(FINETUNE[args.task], ["inference.json"],
+                      inference_overrides(args, arm_dir, os.path.join(arm_dir, "models"), [64, 64, 32],
+                                          {"data_list_file_path": f"datalist_{args.task}.json"})),
+                      os.path.join(logs, f"infer_{arm}.log"))
+            pred_img = nib.load(find_output(os.path.join(arm_dir, "predictions"), stem, "seg"))
+            preds[arm] = np.asarray(pred_img.dataobj).astype(np.int64).reshape(truth.shape)
+            dice[arm] = dice_per_class(preds[arm], truth, labels)
+        times["infer"] = time.time() - start
+    except (StageFailed, fetch_demo_ct.DemoDataError) as err:
+        print(f"\nerror: {err}", file=sys.stderr)
+        return 1
+
+    # summary
+    scalars = read_scalars(os.path.join(pre_dir, "eval"))
+    pretext_rows, pretext_md = pretext_table(scalars)
+    mean_dice = {arm: float(np.mean(list(d.values()))) if d else float("nan") for arm, d in dice.items()}
+    names = ["spleen"] if args.task == "spleen" else BTCV_NAMES
+    dice_md = ["| finetune (same seed, steps, augmentations) | mean Dice, held-out slices | per organ |",
+               "|---|---|---|"]
+    for arm in arms:
+        per = ", ".join(f"{names[k - 1]} {v:.3f}" for k, v in dice[arm].items())
+        dice_md.append(f"| from HybridMIM weights | {mean_dice[arm]:.3f} | {per} |" if arm == "pretrained"
+                       else f"| from scratch | {mean_dice[arm]:.3f} | {per} |")
+    setting = (f"CPU demo on one real CT (TotalSegmentator test data): UNet features {args.features}, 3 mm voxels; "
+               f"pretraining {total} steps of 2 volumes x 4 crops 64x64x32 (sub-volume 16, patch 8, region 48x48x16); "
+               f"finetuning {args.finetune_steps} steps of 4 crops 64x64x32, task {args.task}; device {args.device}. "
+               "Not the paper's experiment.")
+    minutes = {k: round(v / 60, 2) for k, v in times.items()}
+    markdown = "\n".join([setting, "", pretext_md, "", *dice_md, "",
+                          "Wall time (min): " + ", ".join(f"{k} {v}" for k, v in minutes.items())])
+    seg_png, rec_png = os.path.join(out, "segmentation.png"), os.path.join(out, "reconstruction.png")
+    segmentation_png(seg_png, ct, truth, {f"from HybridMIM (Dice {mean_dice['pretrained']:.2f})": preds["pretrained"],
+                                          f"from scratch (Dice {mean_dice['scratch']:.2f})": preds["scratch"]},
+                     f"held-out slices, {args.task}: CPU demo, not the paper's result")
+    masked_path = find_output(os.path.join(pre_dir, "predictions"), "pool_aorta_ct_top", "masked")
+    recon_path = find_output(os.path.join(pre_dir, "predictions"), "pool_aorta_ct_top", "reconstruction")
+    original_path = find_output(os.path.join(pre_dir, "predictions"), "pool_aorta_ct_top", "original")
+    from tools.visualize_reconstruction import region_offset
+
+    masked_img, recon_img = nib.load(masked_path), nib.load(recon_path)
+    reconstruction_png(rec_png, np.asarray(masked_img.dataobj, np.float32),
+                       np.asarray(nib.load(original_path).dataobj, np.float32),
+                       np.asarray(recon_img.dataobj, np.float32), region_offset(masked_img.affine, recon_img.affine),
+                       "held-out CT crop, pretrained UNet: CPU demo")
+    summary = {"setting": setting, "pretext": pretext_rows, "dice": dice, "mean_dice": mean_dice,
+               "minutes": minutes, "pngs": [seg_png, rec_png]}
+    with open(os.path.join(out, "summary.json"), "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=2)
+    with open(os.path.join(out, "summary.md"), "w", encoding="utf-8") as f:
+        f.write(markdown + "\n")
+    print("\n" + markdown)
+    print(f"\nwrote {seg_png}\n      {rec_png}\n      {os.path.join(out, 'summary.md')} (logs in {logs})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
