@@ -174,3 +174,42 @@ def test_split_indices():
     assert len(prep.split_indices(2, 0.01)[1]) == 1
     with pytest.raises(ValueError, match="at least 2"):
         prep.split_indices(1, 0.2)
+
+
+def _write_bytes(root, rel, data: bytes):
+    path = os.path.join(str(root), rel)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(data)
+    return path
+
+
+def test_pool_excludes_downstream_validation_and_testing_cases(tmp_path, capsys):
+    # pool: six scans; two are the downstream task's validation/testing images (one by path, one a copy elsewhere)
+    for i in range(6):
+        _write_bytes(tmp_path, f"pool/scan{i}.nii.gz", f"scan {i}".encode())
+    task = tmp_path / "task"
+    _write_bytes(task, "imagesTr/train0.nii.gz", b"scan 0")  # a training case of the task: may stay in the pool
+    _write_bytes(task, "imagesTs/test0.nii.gz", b"scan 4")  # same bytes as pool/scan4: a copy of a test case
+    downstream = {
+        "training": [{"image": "imagesTr/train0.nii.gz", "label": "imagesTr/train0.nii.gz"}],
+        "validation": [{"image": os.path.join(str(tmp_path), "pool", "scan2.nii.gz"), "label": "x.nii.gz"}],
+        "testing": [{"image": "imagesTs/test0.nii.gz"}],
+    }
+    with open(task / "datalist.json", "w") as f:
+        json.dump(downstream, f)
+    path = prep.pool(str(tmp_path / "pool"), val_fraction=0.25, seed=0, exclude=[str(task / "datalist.json")])
+    content = _read(path)
+    paths = set(_all_paths(content))
+    assert paths == {f"scan{i}.nii.gz" for i in (0, 1, 3, 5)}, paths
+    out = capsys.readouterr().out
+    assert "excluded 2" in out and "scan2.nii.gz" in out and "scan4.nii.gz" in out
+    # BraTS-style list images are excluded file by file; a missing exclude datalist is named
+    downstream["validation"] = [{"image": ["../pool/scan1.nii.gz", "../pool/scan3.nii.gz"]}]
+    downstream["testing"] = []
+    with open(task / "datalist.json", "w") as f:
+        json.dump(downstream, f)
+    content = _read(prep.pool(str(tmp_path / "pool"), val_fraction=0.25, exclude=[str(task / "datalist.json")]))
+    assert set(_all_paths(content)) == {f"scan{i}.nii.gz" for i in (0, 2, 4, 5)}
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        prep.pool(str(tmp_path / "pool"), exclude=[str(task / "nope.json")])

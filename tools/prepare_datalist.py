@@ -29,16 +29,18 @@ Command line (python-fire)::
     python tools/prepare_datalist.py btcv  /data/BTCV
     python tools/prepare_datalist.py msd   /data/Task09_Spleen --val_fraction 0.2
     python tools/prepare_datalist.py brats /data/BraTS2020
-    python tools/prepare_datalist.py pool  /data/ct_a /data/ct_b --dataset_dir /data --val_fraction 0.05
+    python tools/prepare_datalist.py pool  /data/ct_a /data/ct_b --dataset_dir /data --val_fraction 0.05 \\
+        --exclude /data/BTCV/datalist.json    # never pretrain on a downstream task's validation/testing images
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
 import re
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 __all__ = ["btcv", "msd", "brats", "pool", "split_indices", "BTCV_SWINUNETR_VALIDATION", "BRATS_MODALITIES"]
 
@@ -344,6 +346,50 @@ def _looks_like_label(path: str) -> bool:
             or name.startswith("segmentation"))
 
 
+def _held_out_images(datalists: Sequence[str]) -> Dict[str, Tuple[int, str]]:
+    """``{real path: (size, sha256 or "" until needed)}`` of the validation/testing images of the downstream datalists."""
+    held_out: Dict[str, Tuple[int, str]] = {}
+    for datalist in datalists:
+        if not os.path.isfile(datalist):
+            raise LayoutError(f"pool: --exclude datalist '{datalist}' not found.")
+        with open(datalist, encoding="utf-8") as f:
+            content = json.load(f)
+        root = os.path.dirname(os.path.abspath(datalist))
+        for section in ("validation", "testing"):
+            for entry in content.get(section, []):
+                images = entry.get("image") if isinstance(entry, dict) else entry
+                for image in images if isinstance(images, list) else [images]:
+                    path = os.path.realpath(image if os.path.isabs(image) else os.path.join(root, image))
+                    if os.path.isfile(path):
+                        held_out[path] = (os.path.getsize(path), "")
+    return held_out
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _is_held_out(path: str, held_out: Dict[str, Tuple[int, str]]) -> bool:
+    """Same file, or a copy: the hash is only computed for files of the same size as a held-out image."""
+    real = os.path.realpath(path)
+    if real in held_out:
+        return True
+    size, own_hash = os.path.getsize(real), None
+    for other, (other_size, other_hash) in list(held_out.items()):
+        if other_size == size:
+            if not other_hash:
+                other_hash = _sha256(other)
+                held_out[other] = (other_size, other_hash)
+            own_hash = own_hash or _sha256(real)
+            if own_hash == other_hash:
+                return True
+    return False
+
+
 def pool(
     *dirs: str,
     dataset_dir: Optional[str] = None,
@@ -351,6 +397,7 @@ def pool(
     seed: int = 0,
     output: Optional[str] = None,
     skip_labels: bool = True,
+    exclude: Sequence[str] = (),
 ) -> str:
     """Datalist of an unlabeled CT pool for pretraining: every NIfTI file under ``dirs`` (searched recursively).
 
@@ -362,7 +409,13 @@ def pool(
         output: datalist file name (relative to ``dataset_dir``) or absolute path; default ``datalist.json``.
         skip_labels: leave out label maps: files under ``labelsTr``/``labelsTs``/``labels``/``label``/
             ``segmentations``/``masks`` folders and files named ``label*``, ``segmentation*``, ``*_seg``, ``*_mask``.
+        exclude: downstream datalists whose ``validation`` and ``testing`` images must not be pretrained on (their
+            paths relative to the datalist's folder, or absolute). A pool file is left out when it is one of those
+            files or a byte-identical copy of one (same size and SHA-256); the count and names are printed.
     """
+    if isinstance(exclude, str):
+        exclude = [exclude]
+    held_out = _held_out_images(exclude)
     if not dirs:
         raise ValueError("pool: give at least one folder with CT volumes (*.nii.gz).")
     for d in dirs:
@@ -380,6 +433,12 @@ def pool(
         raise LayoutError(f"pool: no *.nii.gz / *.nii images under {', '.join(repr(d) for d in dirs)}"
                           + (" (label files skipped)" if skip_labels else "") + ".")
     files = sorted(files)
+    if held_out:
+        kept = [f for f in files if not _is_held_out(f, held_out)]
+        dropped = sorted(set(files) - set(kept))
+        print(f"pool: excluded {len(dropped)} file(s) that are validation/testing images of "
+              f"{', '.join(exclude)}" + (f": {_list_names(os.path.basename(f) for f in dropped)}" if dropped else ""))
+        files = kept
     train_idx, val_idx = split_indices(len(files), val_fraction, seed)
     content = {"training": [{"image": _rel(files[i], dataset_dir)} for i in train_idx],
                "validation": [{"image": _rel(files[i], dataset_dir)} for i in val_idx]}
