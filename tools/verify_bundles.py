@@ -443,10 +443,16 @@ def main(argv=None) -> int:
                          f"available: {list_bundles(args.bundles_dir)}")
     if args.verbose:
         logging.basicConfig(level=logging.DEBUG)
-    else:  # MONAI's own loggers log every call's arguments at INFO; the table says what matters
-        logging.disable(logging.WARNING)
-        warnings.simplefilter("ignore")
-    results = verify_bundles(args.bundles, args.bundles_dir, args.schema, args.checks, args.full_width, args.device)
+    previous_disable = logging.root.manager.disable
+    with warnings.catch_warnings():
+        if not args.verbose:  # MONAI's loggers log every call's arguments at INFO; the table says what matters
+            logging.disable(logging.WARNING)
+            warnings.simplefilter("ignore")
+        try:
+            results = verify_bundles(args.bundles, args.bundles_dir, args.schema, args.checks, args.full_width,
+                                     args.device)
+        finally:  # main() may be called in-process (tests): leave logging as it was
+            logging.disable(previous_disable)
     print(format_table(results))
     return 1 if any(r.status == "fail" for r in results) else 0
 
