@@ -158,3 +158,41 @@ def test_fraction_helpers():
     assert select_fraction(list("abcdefghij"), 0.3) == [list("abcdefghij")[i] for i in fraction_indices(10, 0.3)]
     assert set(fraction_indices(100, 0.2)) <= set(fraction_indices(100, 0.5))
     assert fraction_indices(100, 0.2, seed=0) != fraction_indices(100, 0.2, seed=1)
+
+
+def test_partition_for_rank_without_process_group_is_everything():
+    from hybridmim_components.data import partition_for_rank
+
+    assert partition_for_rank(["a", "b", "c"], shuffle=True, even_divisible=True) == ["a", "b", "c"]
+
+
+@pytest.mark.parametrize("even,expected", [(False, [["a", "c", "e"], ["b", "d"]]),
+                                           (True, [["a", "c", "e"], ["b", "d", "a"]])])
+def test_partition_for_rank_shards_under_ddp(monkeypatch, even, expected):
+    """Each of 2 processes gets entries r, r + 2, ...; even_divisible repeats the first to equal lengths."""
+    import torch.distributed as dist
+
+    from hybridmim_components.data import partition_for_rank
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    for rank in (0, 1):
+        monkeypatch.setattr(dist, "get_rank", lambda rank=rank: rank)
+        assert partition_for_rank(list("abcde"), even_divisible=even) == expected[rank]
+    shards = []
+    for rank in (0, 1):  # shuffled: seeded, the same order on every process, every entry in one shard
+        monkeypatch.setattr(dist, "get_rank", lambda rank=rank: rank)
+        shards.append(partition_for_rank(list("abcdef"), shuffle=True, seed=3))
+    assert sorted(shards[0] + shards[1]) == list("abcdef") and len(shards[0]) == len(shards[1]) == 3
+
+
+def test_partition_for_rank_needs_an_entry_per_process(monkeypatch):
+    import torch.distributed as dist
+
+    from hybridmim_components.data import partition_for_rank
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 4)
+    monkeypatch.setattr(dist, "get_rank", lambda: 0)
+    with pytest.raises(ValueError, match=r"validation list has 2 entries for 4 processes"):
+        partition_for_rank(["a", "b"], what="validation list")

@@ -55,10 +55,14 @@ class StageFailed(RuntimeError):
 
 # ------------------------------------------------------------------------------------------------- running bundles
 def overrides_to_args(overrides: dict) -> list[str]:
-    """``{"roi_size": [64, 64, 64], "amp": False}`` -> ``["--roi_size", "[64, 64, 64]", "--amp", "false"]``."""
+    """``{"roi_size": [64, 64, 32], "amp": False}`` -> ``["--roi_size", "[64, 64, 32]", "--amp", "False"]``.
+
+    Values are written as Python literals: the MONAI CLI (python-fire) parses them with ``ast.literal_eval``, so a
+    JSON ``false`` would arrive as the (truthy) string ``'false'``.
+    """
     args = []
     for key, value in overrides.items():
-        args += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
+        args += [f"--{key}", value if isinstance(value, str) else repr(value)]
     return args
 
 

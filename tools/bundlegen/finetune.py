@@ -396,6 +396,11 @@ def train_config(backbone: str, task: str) -> dict:
         "pretrained_path": f"$@bundle_root + '/../{pretrain_bundle(backbone, task)}/models/model.pt'",
         "label_fraction": 1.0,
         "resume": False,
+        # read every image and label of the datalist once before caching (corrupt files, channels, label values,
+        # NaN/inf); false skips the scan
+        "check_data": True,
+        # stop after this many iterations in a row with a NaN/inf loss (their optimizer steps are skipped)
+        "max_nonfinite_steps": 20,
         "amp": True,
         "roi_size": roi,
         "pixdim": t["pixdim"],
@@ -540,8 +545,13 @@ def train_config(backbone: str, task: str) -> dict:
             "amp": "@amp",
         },
     }
+    # skips the optimizer step of a NaN/inf loss, logs it, stops after max_nonfinite_steps in a row (attached in
+    # `initialize`: it references the trainer's optimizer)
+    cfg["train"]["nonfinite_guard"] = {"_target_": "hybridmim_components.nonfinite.NonFiniteLossGuard",
+                                       "max_nonfinite_steps": "@max_nonfinite_steps"}
     cfg["initialize"] = [
         f"$hybridmim_components.finetune_workflow.check_roi_size(@roi_size, {b['roi_multiple']})",
+        *_data_check_initialize(task),
         f"$monai.utils.set_determinism(seed={SEED})",
         # backbone weights of the pretraining bundle (encoder and decoder; only the last layer starts from scratch);
         # the loader logs its report and stops on weights that do not fit
@@ -549,9 +559,21 @@ def train_config(backbone: str, task: str) -> dict:
         "$@train#checkpoint_saver.attach(@train#trainer)",
         "$None if @train#resume_loader is None else @train#resume_loader.attach(@train#trainer)",
         f"$@train#progress_bar.attach(@train#trainer, output_transform={FROM_LOSS[1:]})",
+        "$@train#nonfinite_guard.attach(@train#trainer)",
     ]
     cfg["run"] = ["$@train#trainer.run()"]
     return cfg
+
+
+def _data_check_initialize(task: str) -> list[str]:
+    """`initialize` entries that read every datalist file before any is cached (label values: the task's classes)."""
+    labels = [0, 1, 2, 4] if task == "brats" else list(range(len(TASKS[task]["classes"])))
+    return [
+        "$import hybridmim_components.input_checks",
+        "$hybridmim_components.input_checks.check_datalist(@dataset_dir, @data_list_file_path, "
+        f"('training', 'validation'), image_channels=@network_def#in_channels, label_values={labels}, "
+        "required_keys=('image', 'label'), label_fraction=@label_fraction, enabled=@check_data)",
+    ]
 
 
 def evaluate_config(backbone: str, task: str) -> dict:
@@ -597,27 +619,31 @@ def multi_gpu_config(backbone: str, task: str) -> dict:
     return {
         "device": DDP_DEVICE,
         "network": dict(DDP_NETWORK),
-        "train#sampler": {"_target_": "DistributedSampler", "dataset": "@train#dataset", "even_divisible": True,
-                          "shuffle": True},
-        "train#dataloader#sampler": "@train#sampler",
-        "train#dataloader#shuffle": False,
+        # each process caches only its share of the lists (not every volume on every rank): training shards of
+        # equal length (seeded shuffle), validation split as a DistributedSampler without shuffle would split it
+        "train#dataset#data": "$hybridmim_components.data.partition_for_rank(hybridmim_components.data.load_datalist("
+        "@dataset_dir, @data_list_file_path, 'training', label_fraction=@label_fraction, "
+        "required_keys=('image', 'label')), shuffle=True, seed=" + str(SEED) + ", even_divisible=True, "
+        "what='training list')",
         # rank 0 alone logs (StatsHandler, TensorBoardStatsHandler are the last two train handlers) and saves
         "train#trainer#train_handlers": "$@train#handlers[: -2 if dist.get_rank() > 0 else None]",
-        "validate#sampler": {"_target_": "DistributedSampler", "dataset": "@validate#dataset",
-                             "even_divisible": False, "shuffle": False},
-        "validate#dataloader#sampler": "@validate#sampler",
+        "validate#dataset#data": "$hybridmim_components.data.partition_for_rank(hybridmim_components.data."
+        "load_datalist(@dataset_dir, @data_list_file_path, 'validation', required_keys=('image', 'label')), "
+        "what='validation list')",
         "validate#evaluator#val_handlers": "$None if dist.get_rank() > 0 else @validate#handlers",
         "initialize": [
             "$import torch.distributed as dist",
             "$dist.is_initialized() or dist.init_process_group(backend='nccl' if torch.cuda.is_available() else 'gloo')",
             "$torch.cuda.set_device(@device) if torch.cuda.is_available() else None",
             f"$hybridmim_components.finetune_workflow.check_roi_size(@roi_size, {BACKBONES[backbone]['roi_multiple']})",
+            *_data_check_initialize(task),
             f"$monai.utils.set_determinism(seed={SEED})",
             "$hybridmim_components.load_pretrained_weights(@network_def, @pretrained_path)",
             "$@train#checkpoint_saver.attach(@train#trainer) if dist.get_rank() == 0 else None",
             "$None if @train#resume_loader is None else @train#resume_loader.attach(@train#trainer)",
             f"$@train#progress_bar.attach(@train#trainer, output_transform={FROM_LOSS[1:]}) "
             "if dist.get_rank() == 0 else None",
+            "$@train#nonfinite_guard.attach(@train#trainer)",
         ],
         "run": ["$@train#trainer.run()"],
         "finalize": ["$dist.is_initialized() and dist.destroy_process_group()"],

@@ -19,6 +19,8 @@ from tools.bundlegen.common import ADAMW, DDP_DEVICE, DDP_NETWORK, metadata_head
 from tools.bundlegen.figures import performance_section
 
 MIM = "hybridmim_components.pretrain_workflow"
+# volumes cached in memory per process: 200 x ~35-70 MB per CT (measured, see the README's Memory section) <= 14 GB
+CACHE_NUM = 200
 TOTAL_STEPS = 100_000
 STEPS_PER_EPOCH = 1000
 
@@ -173,7 +175,15 @@ def _train_config(spec: Spec) -> dict:
         **_head(spec),
         "amp": True,
         "resume": False,
+        # read every file of the datalist once before caching (stops on a truncated/corrupt file, wrong channels,
+        # NaN/inf voxels); false skips the scan of a huge pool
+        "check_data": True,
+        # stop after this many iterations in a row with a NaN/inf loss (their optimizer steps are skipped)
+        "max_nonfinite_steps": 20,
+        # preprocessed volumes are cached in memory: at most cache_num per process (~35-70 MB per CT volume), the
+        # rest are preprocessed on the fly; under DDP each process caches only its share of the lists
         "cache_rate": 1.0,
+        "cache_num": CACHE_NUM,
         "batch_size": spec.batch_size,
         "samples_per_volume": 2,
         "learning_rate": 1e-4,
@@ -214,6 +224,7 @@ def _train_config(spec: Spec) -> dict:
                 "data": "$load_datalist(@dataset_dir, @data_list_file_path, 'training')",
                 "transform": "@train#preprocessing",
                 "cache_rate": "@cache_rate",
+                "cache_num": "@cache_num",
                 "num_workers": "@train#dataloader#num_workers",
             },
             "dataloader": {
@@ -276,6 +287,12 @@ def _train_config(spec: Spec) -> dict:
                 "enabled": "@resume",
                 "map_location": "@device",
             },
+            # skips the optimizer step of a NaN/inf loss, logs it, stops after max_nonfinite_steps in a row;
+            # references the trainer's optimizer, so it is attached in `initialize`
+            "nonfinite_guard": {
+                "_target_": "hybridmim_components.nonfinite.NonFiniteLossGuard",
+                "max_nonfinite_steps": "@max_nonfinite_steps",
+            },
         },
         "validate": {
             "preprocessing": {
@@ -288,6 +305,7 @@ def _train_config(spec: Spec) -> dict:
                 "data": "$load_datalist(@dataset_dir, @data_list_file_path, 'validation')",
                 "transform": "@validate#preprocessing",
                 "cache_rate": "@cache_rate",
+                "cache_num": "@cache_num",
                 "num_workers": "@validate#dataloader#num_workers",
             },
             "generator": "$torch.Generator()",
@@ -349,11 +367,17 @@ def _train_initialize(seed: str = "@seed", saver_condition: str = "") -> list:
     if saver_condition:
         saver = f"$@train#checkpoint_saver.attach(@train#trainer) if {saver_condition} else None"
     return [
-        # crop, sub-volume, patch and region sizes are checked before any data is loaded or cached
+        # crop, sub-volume, patch and region sizes, then every datalist file, are checked before any data is cached
         "$@network_def.check_crop(@roi_size, @patch_size)",
+        "$import hybridmim_components.input_checks",
+        "$hybridmim_components.input_checks.check_datalist(@dataset_dir, @data_list_file_path, "
+        "('training', 'validation'), image_channels=@in_channels, enabled=@check_data)",
+        "$hybridmim_components.input_checks.check_contrastive_batch(@loss#contrastive_weight, @batch_size, "
+        "@samples_per_volume)",
         f"$monai.utils.set_determinism(seed={seed})",
         saver,
         "$@train#checkpoint_loader.attach(@train#trainer)",
+        "$@train#nonfinite_guard.attach(@train#trainer)",
     ]
 
 
@@ -367,21 +391,12 @@ def _multi_gpu_config(train: dict) -> dict:
     config = {
         "device": DDP_DEVICE,
         "network": dict(DDP_NETWORK),
-        "train#sampler": {
-            "_target_": "DistributedSampler",
-            "dataset": "@train#dataset",
-            "even_divisible": True,
-            "shuffle": True,
-        },
-        "train#dataloader#sampler": "@train#sampler",
-        "train#dataloader#shuffle": False,
-        "validate#sampler": {
-            "_target_": "DistributedSampler",
-            "dataset": "@validate#dataset",
-            "even_divisible": False,
-            "shuffle": False,
-        },
-        "validate#dataloader#sampler": "@validate#sampler",
+        # each process caches only its share of the lists (not every volume on every rank): training shards of
+        # equal length (seeded shuffle), validation split as a DistributedSampler without shuffle would split it
+        "train#dataset#data": "$hybridmim_components.data.partition_for_rank(load_datalist(@dataset_dir, "
+        "@data_list_file_path, 'training'), shuffle=True, seed=@seed, even_divisible=True, what='training list')",
+        "validate#dataset#data": "$hybridmim_components.data.partition_for_rank(load_datalist(@dataset_dir, "
+        "@data_list_file_path, 'validation'), what='validation list')",
     }
     for i in rank0_train:
         config[f"train#handlers#{i}#_disabled_"] = "$dist.get_rank() > 0"
@@ -419,39 +434,9 @@ def _evaluate_config() -> dict:
 
 
 def _inference_config(spec: Spec, train: dict) -> dict:
-    """Standalone: mask each `testing` volume (seeded) and write masked input + region reconstruction as NIfTI.
-
-    `network_def` here is not the pretraining network (a dict of outputs, for the loss) but the backbone class
-    with a region-reconstruction forward (`hybridmim_components.reconstruction`): one tensor out, as metadata's
-    `network_data_format` describes (so the zoo's `verify_net_in_out` checks it), and exactly the parameters of
-    `models/model.pt` (so it loads strictly and `ckpt_export` works on it).
-    """
-    head = _head(spec)
-    if spec.backbone == "swin":
-        head["network_def"] = {
-            "_target_": "hybridmim_components.reconstruction.RegionReconstructionSwinUNETR",
-            "in_channels": "@in_channels",
-            "feature_size": "@feature_size",
-            "drop_rate": 0.1,
-            "region_size": "@region_size",
-        }
-    else:
-        head["network_def"] = {
-            "_target_": "hybridmim_components.reconstruction.RegionReconstructionUNet",
-            "in_channels": "@in_channels",
-            "features": "@features",
-            "dropout": 0.1,
-            "region_size": "@region_size",
-        }
+    """Standalone: mask each `testing` volume (seeded) and write masked input + region reconstruction as NIfTI."""
     return {
-        **head,
-        "checkpointloader": {
-            "_target_": "CheckpointLoader",
-            "load_path": "$@ckpt_dir + '/model.pt'",
-            "load_dict": {"model": "@network_def"},
-            "map_location": "@device",
-            "strict": True,
-        },
+        **_head(spec),
         "preprocessing": {
             "_target_": "Compose",
             "transforms": copy.deepcopy(train["train"]["deterministic_transforms"]) + [CENTER_CROP, MASK],
@@ -470,13 +455,6 @@ def _inference_config(spec: Spec, train: dict) -> dict:
         },
         "inferer": {"_target_": "SimpleInferer"},
         "prepare_batch": {"_target_": f"{MIM}.PrepareMIMBatch"},
-        # the network returns the region's reconstruction; the output saver also needs where the region sits
-        "postprocessing": {
-            "_target_": "Lambdad",
-            "keys": "pred",
-            "func": "$lambda recon: {'reconstruction': recon, "
-                    "'region_slices': @network_def.region_slices(@roi_size)}",
-        },
         "handlers": [
             {"_target_": "StatsHandler", "iteration_log": False},
             {"_target_": f"{MIM}.SaveMIMOutputs", "output_dir": "@output_dir"},
@@ -489,13 +467,11 @@ def _inference_config(spec: Spec, train: dict) -> dict:
             "inferer": "@inferer",
             "prepare_batch": "@prepare_batch",
             "val_handlers": "@handlers",
-            "postprocessing": "@postprocessing",
             "decollate": False,
         },
         "initialize": [
             "$monai.utils.set_determinism(seed=@seed)",
-            # models/model.pt is the flat backbone state dict: exactly network_def's parameters
-            "$@checkpointloader(@evaluator)",
+            "$mim.load_pretrain_checkpoint(@network_def, @ckpt_dir + '/model.pt', map_location=@device)",
         ],
         "run": ["$@evaluator.run()"],
     }
@@ -565,6 +541,24 @@ def _metadata(spec: Spec) -> dict:
 
 
 # --- docs -----------------------------------------------------------------------------------------------------------
+def _memory_text(spec: Spec) -> str:
+    """Host memory per cached volume (figures from `python tools/measure_cache_memory.py`)."""
+    if spec.ct:
+        return (
+            "A CT of 512 × 512 × 200 voxels at 0.8 × 0.8 × 2.5 mm, resampled to 1.5 × 1.5 × 2.0 mm, is a 273 × 273 × "
+            "250 grid: 18.6 M voxels, 71 MB before the crop to the body (in general (512 s/1.5)² (200 t/2.0) × 4 "
+            "bytes for in-plane spacing s and slice spacing t). Measured on a generated volume of that size "
+            "(`python tools/measure_cache_memory.py --shape 512,512,200 --spacing 0.8,0.8,2.5`): 1 × 227 × 189 × 215 "
+            "voxels cached, 35 MB (the process grew by 57 MB). Caching every volume of a pool of 500 CTs would take "
+            f"18-36 GB per process; at most {CACHE_NUM} volumes take 7-14 GB."
+        )
+    return (
+        "A BraTS case is 4 × 240 × 240 × 155 voxels at 1 mm: 143 MB before the crop to the brain (computed), less "
+        f"after it. Caching the 295 cases of an 80 % training split would take up to 42 GB per process; at most "
+        f"{CACHE_NUM} cases take up to 28 GB."
+    )
+
+
 def _readme(spec: Spec) -> str:
     width_key = "feature_size" if spec.backbone == "swin" else "features"
     width_default = "48" if spec.backbone == "swin" else "[32, 32, 64, 128, 256, 32]"
@@ -651,7 +645,9 @@ masked (the mask is carried explicitly).
 | `steps_per_epoch` × `train#trainer#max_epochs` | {STEPS_PER_EPOCH} × {TOTAL_STEPS // STEPS_PER_EPOCH} | {TOTAL_STEPS:,} steps |
 | `val_interval` | 5 | validate every 5 epochs ({5 * STEPS_PER_EPOCH} steps) |
 | `amp` | true | mixed precision (CUDA only) |
-| `cache_rate` | 1.0 | share of the volumes cached after preprocessing |
+| `cache_rate`, `cache_num` | 1.0, {CACHE_NUM} | volumes cached in memory after preprocessing: that share, at most `cache_num` per process (see Memory) |
+| `check_data` | true | read every file of `training`/`validation` once before caching; stop naming every unusable one |
+| `max_nonfinite_steps` | 20 | iterations in a row with a NaN/inf loss (their steps are skipped) after which the run stops |
 | `resume` | false | continue from the newest full checkpoint in `ckpt_dir` |
 | `loss` | paper weights | `hybridmim_components.HybridMIMLoss` |
 
@@ -667,9 +663,17 @@ Saved in `ckpt_dir` (default `models/`): `model.pt` (backbone only, best `val_re
 
 ## Memory
 
-Not measured by this collection yet. The dominant cost is the encoder on {spec.roi}³ crops run twice (two dropout
-views, stacked) with the decoder on the {spec.region}³ region only. To lower it: reduce `batch_size`, enable
-{"`network_def#use_checkpoint` (gradient checkpointing) or " if spec.backbone == "swin" else ""}`amp`, or reduce `cache_rate` for host memory.
+GPU: the dominant cost is the encoder on {spec.roi}³ crops run twice (two dropout views, stacked) with the decoder on
+the {spec.region}³ region only. To lower it: reduce `batch_size`, enable
+{"`network_def#use_checkpoint` (gradient checkpointing) or " if spec.backbone == "swin" else ""}`amp`.
+
+Host: the preprocessed volumes are cached in memory as float32 (`CacheDataset`). {_memory_text(spec)} Each process
+therefore caches at most `cache_num` = {CACHE_NUM} volumes (the others are preprocessed on the fly by the data loader
+workers, a few seconds each), and under DDP (`multi_gpu_train.json`) each process caches only its share of the
+`training` and `validation` lists (`monai.data.partition_dataset`), not all of them: 8 GPUs cache up to
+{8 * CACHE_NUM:,} volumes. Raise `cache_num` when memory allows; lower it (or `cache_rate`) when not. At start,
+`check_data` reads every file once (about 0.25 s for a generated 512 × 512 × 200 `.nii.gz`, more for real scans, which
+compress less; spread over the DDP processes); `--check_data false` skips it for a pool you trust.
 
 ## Performance
 
