@@ -434,9 +434,39 @@ def _evaluate_config() -> dict:
 
 
 def _inference_config(spec: Spec, train: dict) -> dict:
-    """Standalone: mask each `testing` volume (seeded) and write masked input + region reconstruction as NIfTI."""
+    """Standalone: mask each `testing` volume (seeded) and write masked input + region reconstruction as NIfTI.
+
+    `network_def` here is not the pretraining network (a dict of outputs, for the loss) but the backbone class
+    with a region-reconstruction forward (`hybridmim_components.reconstruction`): one tensor out, as metadata's
+    `network_data_format` describes (so the zoo's `verify_net_in_out` checks it), and exactly the parameters of
+    `models/model.pt` (so it loads strictly and `ckpt_export` works on it).
+    """
+    head = _head(spec)
+    if spec.backbone == "swin":
+        head["network_def"] = {
+            "_target_": "hybridmim_components.reconstruction.RegionReconstructionSwinUNETR",
+            "in_channels": "@in_channels",
+            "feature_size": "@feature_size",
+            "drop_rate": 0.1,
+            "region_size": "@region_size",
+        }
+    else:
+        head["network_def"] = {
+            "_target_": "hybridmim_components.reconstruction.RegionReconstructionUNet",
+            "in_channels": "@in_channels",
+            "features": "@features",
+            "dropout": 0.1,
+            "region_size": "@region_size",
+        }
     return {
-        **_head(spec),
+        **head,
+        "checkpointloader": {
+            "_target_": "CheckpointLoader",
+            "load_path": "$@ckpt_dir + '/model.pt'",
+            "load_dict": {"model": "@network_def"},
+            "map_location": "@device",
+            "strict": True,
+        },
         "preprocessing": {
             "_target_": "Compose",
             "transforms": copy.deepcopy(train["train"]["deterministic_transforms"]) + [CENTER_CROP, MASK],
@@ -455,6 +485,13 @@ def _inference_config(spec: Spec, train: dict) -> dict:
         },
         "inferer": {"_target_": "SimpleInferer"},
         "prepare_batch": {"_target_": f"{MIM}.PrepareMIMBatch"},
+        # the network returns the region's reconstruction; the output saver also needs where the region sits
+        "postprocessing": {
+            "_target_": "Lambdad",
+            "keys": "pred",
+            "func": "$lambda recon: {'reconstruction': recon, "
+                    "'region_slices': @network_def.region_slices(@roi_size)}",
+        },
         "handlers": [
             {"_target_": "StatsHandler", "iteration_log": False},
             {"_target_": f"{MIM}.SaveMIMOutputs", "output_dir": "@output_dir"},
@@ -467,11 +504,13 @@ def _inference_config(spec: Spec, train: dict) -> dict:
             "inferer": "@inferer",
             "prepare_batch": "@prepare_batch",
             "val_handlers": "@handlers",
+            "postprocessing": "@postprocessing",
             "decollate": False,
         },
         "initialize": [
             "$monai.utils.set_determinism(seed=@seed)",
-            "$mim.load_pretrain_checkpoint(@network_def, @ckpt_dir + '/model.pt', map_location=@device)",
+            # models/model.pt is the flat backbone state dict: exactly network_def's parameters
+            "$@checkpointloader(@evaluator)",
         ],
         "run": ["$@evaluator.run()"],
     }
