@@ -204,6 +204,8 @@ def test_bundle_end_to_end(backbone, task, workdir, dataset, pretrained):
     text = assert_ok(
         run_cli("run", "--config_file", f"['{cfg}/train.json','{cfg}/evaluate.json']", *cli_args(ev)), "evaluate"
     )
+    # one segmentation per validation case, at the input image's geometry (the preprocessing inverted)
+    check_predictions(datalist, os.path.join(root, "eval_metrics"), t, split="validation")
     with open(os.path.join(root, "eval_metrics", "metrics.csv"), newline="") as f:
         metrics = {row[0]: float(row[1]) for row in csv.reader(f)}
     for slug in scored:
@@ -240,12 +242,13 @@ def test_bundle_end_to_end(backbone, task, workdir, dataset, pretrained):
     check_properties(backbone, task, root, datalist)
 
 
-def check_predictions(datalist: str, out_dir: str, t: dict) -> None:
+def check_predictions(datalist: str, out_dir: str, t: dict, split: str = "testing") -> None:
+    """One ``<image>_seg.nii.gz`` label map per entry of ``split`` with the input image's shape and affine."""
     import nibabel as nib
     import numpy as np
 
     with open(datalist) as f:
-        testing = json.load(f)["testing"]
+        testing = json.load(f)[split]
     outputs = sorted(glob.glob(os.path.join(out_dir, "*.nii.gz")))
     assert len(outputs) == len(testing), outputs
     for entry in testing:
@@ -390,8 +393,11 @@ def test_metadata_matches_schema_and_task(backbone, task, tmp_path):
     assert fmt["inputs"]["image"]["num_channels"] == t["in_channels"]
     out = fmt["outputs"]["pred"]
     assert out["num_channels"] == len(t["classes"])
-    assert list(out["channel_def"].values()) == [name for name, _ in t["classes"]]
-    if not t["sigmoid"]:
+    if t["sigmoid"]:
+        # MONAI Label reads channel_def as the names of the written label map's values (BraTS 1/2/4)
+        assert sorted(map(int, out["channel_def"])) == [0, 1, 2, 4]
+    else:
+        assert list(out["channel_def"].values()) == [name for name, _ in t["classes"]]
         assert out["channel_def"]["0"] == "background"
     if not os.path.isfile(SCHEMA):
         pytest.skip(f"schema not found at {SCHEMA} (expected ../shared/schemas beside the repository)")
@@ -480,3 +486,175 @@ def test_check_roi_size_names_the_bad_sides():
         check_roi_size([96, 96, 48], 32)
     with pytest.raises(ValueError, match="3 positive multiples of 16"):
         check_roi_size([32, 32], 16)
+
+
+# ------------------------------------------------------------------------------------- resume, seeding, MONAI Label
+def _logged_val_dice(log: str) -> float:
+    """``val_mean_dice`` of the last "Metrics -- ..." line of a training log (4 decimals)."""
+    line = [l for l in log.splitlines() if "Metrics -- " in l][-1]
+    words = line.split("Metrics -- ")[1].split()
+    return {words[i].rstrip(":"): float(words[i + 1]) for i in range(0, len(words) - 1, 2)}["val_mean_dice"]
+
+
+def _weights(path: str) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _same_weights(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+@pytest.mark.monai15
+def test_resume_keeps_the_best_validation_and_the_optimiser_state(workdir, dataset):
+    """Resume continues at the next epoch with the optimiser state, and replaces ``model.pt`` only when better.
+
+    Without the best validation in the full checkpoint, the first validation after a resume always overwrote
+    ``model.pt``. Step 3 forces a worse validation: the recorded best is raised above any reachable Dice (1.0).
+    """
+    backbone, task = "unet", "msd_spleen"
+    cfg = f"{configs(backbone, task)}/train.json"
+    root = str(workdir / "root_resume_best")
+    overrides = train_overrides(backbone, task, root, dataset(task))
+    overrides.update({"pretrained_path": "", "label_fraction": 0.5})  # one iteration per epoch
+    models = os.path.join(root, "models")
+    final = os.path.join(models, "checkpoint_final.pt")
+
+    # 1. one epoch: the full checkpoint records the best validation the evaluator saw
+    first = _logged_val_dice(assert_ok(run_cli("run", "--config_file", cfg, *cli_args(overrides)), "train"))
+    full = _weights(final)
+    assert "best_validation" in full, f"the full checkpoint must record the best validation: {sorted(full)}"
+    assert full["best_validation"]["best_metric"] == pytest.approx(first, abs=1e-4)
+    assert full["best_validation"]["best_metric_epoch"] == 1
+    model_1 = _weights(os.path.join(models, "model.pt"))
+
+    # 2. resume to two epochs: epoch 2 only, optimiser state continued; model.pt replaced only if epoch 2 is better
+    overrides.update({"resume": True, "train#trainer#max_epochs": 2})
+    text = assert_ok(run_cli("run", "--config_file", cfg, *cli_args(overrides)), "resume")
+    assert "Epoch[2] Complete" in text and "Epoch[1] Complete" not in text, text[-4000:]
+    full = _weights(final)
+    assert full["trainer"]["iteration"] == 2
+    steps = {float(s["step"]) for s in full["optimizer"]["state"].values()}
+    assert steps == {2.0}, f"AdamW must continue from step 1 (a fresh optimiser would be at step 1): {steps}"
+    second = _logged_val_dice(text)
+    best = full["best_validation"]
+    model_2 = _weights(os.path.join(models, "model.pt"))
+    assert best["best_metric"] == pytest.approx(max(first, second), abs=1e-4)
+    if abs(second - first) > 1e-4:  # the log has 4 decimals: a tie cannot be ordered from it
+        assert best["best_metric_epoch"] == (2 if second > first else 1)
+        assert _same_weights(model_2, model_1) == (second < first), (first, second)
+
+    # 3. forced worse validation: with a recorded best of 2.0, epoch 3 must leave model.pt alone
+    best["best_metric"] = 2.0
+    for saver in best["savers"]:
+        saver["_saved"] = [(2.0, filename) for _, filename in saver["_saved"]]
+    torch.save(full, final)
+    overrides["train#trainer#max_epochs"] = 3
+    assert_ok(run_cli("run", "--config_file", cfg, *cli_args(overrides)), "resume with a better recorded best")
+    assert _same_weights(_weights(os.path.join(models, "model.pt")), model_2), "a worse validation replaced model.pt"
+    best = _weights(final)["best_validation"]
+    assert (best["best_metric"], best["best_metric_epoch"]) == (2.0, full["best_validation"]["best_metric_epoch"])
+
+
+def _initialized_weights(backbone: str, task: str, root: str, datalist: str, rng_seed: int) -> dict:
+    from monai.bundle import ConfigWorkflow
+
+    workflow = ConfigWorkflow(
+        config_file=f"{configs(backbone, task)}/train.json", workflow_type="train", logging_file=False,
+        **{**train_overrides(backbone, task, root, datalist), "pretrained_path": ""},
+    )
+    torch.manual_seed(rng_seed)  # whatever ran before in the process must not matter
+    workflow.initialize()
+    return {k: v.clone() for k, v in workflow.parser.get_parsed_content("network_def").state_dict().items()}
+
+
+def test_finetune_initial_weights_are_seeded(workdir, dataset):
+    """``initialize`` seeds before the network is built: two from-scratch builds start from the same weights."""
+    root = str(workdir / "root_seeded")
+    first = _initialized_weights("unet", "msd_spleen", root, dataset("msd_spleen"), rng_seed=1)
+    second = _initialized_weights("unet", "msd_spleen", root, dataset("msd_spleen"), rng_seed=2)
+    assert _same_weights(first, second)
+
+
+@pytest.mark.parametrize("backbone,task", CASES, ids=IDS)
+def test_multi_gpu_seed_differs_per_rank(backbone, task, monkeypatch):
+    """Under torchrun each rank seeds with ``seed + RANK``: different crops and augmentations per GPU."""
+    from monai.bundle import ConfigParser
+
+    cfg = configs(backbone, task)
+    parser = ConfigParser()
+    parser.read_config([f"{cfg}/train.json", f"{cfg}/multi_gpu_train.json"])
+    seeding = [i for i, expr in enumerate(parser["initialize"]) if "set_determinism" in expr]
+    assert len(seeding) == 1, parser["initialize"]
+
+    def draws(rank: int) -> torch.Tensor:
+        monkeypatch.setenv("RANK", str(rank))
+        torch.manual_seed(1000 + rank)  # the seeding expression alone decides the draws
+        parser.parse(reset=True)
+        parser.get_parsed_content(f"initialize#{seeding[0]}")
+        return torch.randint(0, 2**30, (4,))
+
+    assert not torch.equal(draws(0), draws(1))
+    assert torch.equal(draws(1), draws(1))
+
+
+def _monai_label_labels(meta: dict) -> dict:
+    """Label names as MONAI Label's monaibundle app reads them (``BundleInferTask``): the first entry of
+    ``network_data_format.outputs``, ``{name.lower(): int(key)}`` of its ``channel_def``, background left out."""
+    _, pred = next(iter(meta["network_data_format"]["outputs"].items()))
+    return {v.lower(): int(k) for k, v in pred.get("channel_def", {}).items() if v.lower() != "background"}
+
+
+@pytest.mark.parametrize("backbone", sorted(BACKBONES))
+def test_monai_label_names_match_the_written_brats_label_map(backbone):
+    """What MONAI Label names each value of the label map that ``inference.json`` writes is what that value is."""
+    from monai.bundle import ConfigParser
+    from monai.transforms import ConvertToMultiChannelBasedOnBratsClasses, Invertd, SaveImaged
+
+    cfg = configs(backbone, "brats")
+    with open(f"{cfg}/metadata.json") as f:
+        labels = _monai_label_labels(json.load(f))
+    # a BraTS label map: oedema (2) around a necrotic core (1) around enhancing tumour (4)
+    truth = torch.zeros(1, 6, 6, 6, dtype=torch.uint8)
+    truth[0, 1:5, 1:5, 1:5] = 2
+    truth[0, 2:4, 2:4, 2:4] = 1
+    truth[0, 3, 3, 3] = 4
+    logits = (ConvertToMultiChannelBasedOnBratsClasses()(truth).float() * 2 - 1) * 10  # TC, WT, ET
+    parser = ConfigParser()
+    parser.read_config(f"{cfg}/inference.json")
+    post = parser.get_parsed_content("postprocessing")
+    data = {"pred": logits}
+    for transform in post.transforms:
+        if not isinstance(transform, (Invertd, SaveImaged)):  # no image to invert to here, nothing to write
+            data = transform(data)
+    written = torch.as_tensor(data["pred"])
+    assert written.shape == truth.shape
+    assert set(torch.unique(written).tolist()) - {0} == set(labels.values()), (labels, torch.unique(written))
+    name_of = {value: name for name, value in labels.items()}
+    for region, word, not_word in ((4, "enhancing", "necrotic"), (1, "necrotic", "edema"), (2, "edema", "enhancing")):
+        value = int(written[truth == region][0])
+        name = name_of[value]
+        assert word in name and not_word not in name, f"MONAI Label shows '{name}' for the {word} voxels ({value})"
+
+
+def test_one_progress_bar_handler_for_both_bundle_families():
+    """Every bundle (pretraining and finetuning) shows the loss with the same progress-bar handler in
+    ``train#handlers``; none attaches another one in ``initialize``."""
+    targets = set()
+    names = sorted(os.listdir(BUNDLES_DIR))
+    assert len(names) == 12
+    for name in names:
+        for config in ("train.json", "multi_gpu_train.json"):
+            with open(os.path.join(BUNDLES_DIR, name, "configs", config)) as f:
+                content = json.load(f)
+            assert not any("progress" in str(e).lower() for e in content.get("initialize", [])), (name, config)
+        bars = [h for h in content_train(name)["train"]["handlers"] if "ProgressBar" in h["_target_"]]
+        assert len(bars) == 1, (name, bars)
+        targets.add(json.dumps(bars[0], sort_keys=True))
+        assert "ProgressBar" not in json.dumps({k: v for k, v in content_train(name)["train"].items() if k != "handlers"})
+    assert len(targets) == 1, targets
+
+
+def content_train(name: str) -> dict:
+    with open(os.path.join(BUNDLES_DIR, name, "configs", "train.json")) as f:
+        return json.load(f)

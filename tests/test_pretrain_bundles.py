@@ -319,3 +319,55 @@ def test_pretrain_bundles_match_generator():
         for rel, content in files.items():
             with open(os.path.join(BUNDLES_DIR, name, rel), encoding="utf-8") as f:
                 assert f.read() == render(content), f"{name}/{rel} is out of date: run python tools/generate_bundles.py"
+
+
+def _initialized_network_weights(name: str, demo_data, tmp_path, rng_seed: int) -> dict:
+    """Run a pretraining bundle's ``initialize`` in process (as ``monai.bundle run`` does) with the global RNG at
+    ``rng_seed`` beforehand; return the network's initial weights."""
+    from monai.bundle import ConfigWorkflow
+
+    backbone, data = PRETRAIN_BUNDLES[name]
+    bundle = os.path.join(BUNDLES_DIR, name)
+    dataset_dir, datalist = demo_data[data]
+    workflow = ConfigWorkflow(
+        config_file=os.path.join(bundle, "configs", "train.json"), logging_file=False, workflow_type="train",
+        bundle_root=bundle, dataset_dir=dataset_dir, data_list_file_path=datalist, ckpt_dir=str(tmp_path / "models"),
+        output_dir=str(tmp_path / "eval"), roi_size=[64, 64, 64], region_size=[32, 32, 32], cache_rate=0,
+        **{"train#dataloader#num_workers": 0, "validate#dataloader#num_workers": 0},
+        **({"feature_size": 12} if backbone == "swin" else {"features": [4, 4, 8, 8, 16, 4]}),
+    )
+    torch.manual_seed(rng_seed)  # whatever ran before in the process must not matter
+    workflow.initialize()
+    return {k: v.clone() for k, v in workflow.parser.get_parsed_content("network_def").state_dict().items()}
+
+
+@pytest.mark.parametrize("name", ["hybridmim_unet_pretrain", "hybridmim_swin_pretrain"])
+def test_pretrain_initial_weights_are_seeded(name, demo_data, tmp_path):
+    """``initialize`` seeds before the network is built: two builds in one process start from the same weights."""
+    first = _initialized_network_weights(name, demo_data, tmp_path, rng_seed=1)
+    second = _initialized_network_weights(name, demo_data, tmp_path, rng_seed=2)
+    assert first.keys() == second.keys()
+    differing = [k for k in first if not torch.equal(first[k], second[k])]
+    assert not differing, f"initial weights differ between two builds: {differing[:5]}"
+
+
+@pytest.mark.parametrize("name", sorted(PRETRAIN_BUNDLES))
+def test_pretrain_multi_gpu_seed_differs_per_rank(name, monkeypatch):
+    """Under torchrun each rank seeds with ``seed + RANK``: different crops/masks per GPU, reproducible per rank."""
+    from monai.bundle import ConfigParser
+
+    configs = os.path.join(BUNDLES_DIR, name, "configs")
+    parser = ConfigParser()
+    parser.read_config([os.path.join(configs, "train.json"), os.path.join(configs, "multi_gpu_train.json")])
+    seeding = [i for i, expr in enumerate(parser["initialize"]) if "set_determinism" in expr]
+    assert len(seeding) == 1, parser["initialize"]
+
+    def draws(rank: int) -> torch.Tensor:
+        monkeypatch.setenv("RANK", str(rank))
+        torch.manual_seed(1000 + rank)  # the seeding expression alone decides the draws
+        parser.parse(reset=True)
+        parser.get_parsed_content(f"initialize#{seeding[0]}")
+        return torch.randint(0, 2**30, (4,))
+
+    assert not torch.equal(draws(0), draws(1))
+    assert torch.equal(draws(1), draws(1))

@@ -1,4 +1,4 @@
-"""Hand-computed checks of the pretraining workflow pieces (metrics, prepare_batch, checkpoint finder, preview)."""
+"""Hand-computed checks of the workflow pieces (pretext metrics, prepare_batch, checkpoints, preview, progress bar)."""
 from __future__ import annotations
 
 import math
@@ -11,19 +11,22 @@ import torch
 from ignite.engine import Engine
 from monai.utils import CommonKeys as Keys
 
-from hybridmim_components.pretrain_workflow import (
-    LocationAccuracy,
-    MaskedReconstructionMSE,
-    MIMPreviewHandler,
-    NumberAccuracy,
-    PrepareMIMBatch,
-    ReseedHandler,
+from hybridmim_components.checkpoints import (
+    BestMetricState,
     ResumeFromLatestCheckpoint,
     latest_checkpoint,
     load_pretrain_checkpoint,
-    loss_terms_transform,
+)
+from hybridmim_components.pretext_metrics import (
+    LocationAccuracy,
+    MaskedReconstructionMSE,
+    NumberAccuracy,
     lower_is_better,
 )
+from hybridmim_components.pretrain_workflow import PrepareMIMBatch, loss_terms_transform
+from hybridmim_components.previews import MIMPreviewHandler
+from hybridmim_components.progress import TrainProgressBar, loss_of
+from hybridmim_components.seeding import ReseedHandler
 
 
 def _mse_example():
@@ -228,8 +231,6 @@ def test_best_metric_state_round_trip(tmp_path):
     from monai.engines import SupervisedEvaluator
     from monai.handlers import CheckpointSaver
 
-    from hybridmim_components.pretrain_workflow import BestMetricState
-
     def make():
         net = torch.nn.Linear(1, 1)
         evaluator = SupervisedEvaluator(device=torch.device("cpu"), val_data_loader=[0], network=net)
@@ -247,3 +248,38 @@ def test_best_metric_state_round_trip(tmp_path):
     BestMetricState(evaluator2, [saver2, None]).load_state_dict(torch.load(path, weights_only=True))
     assert (evaluator2.state.best_metric, evaluator2.state.best_metric_epoch) == (0.25, 3)
     assert [tuple(i) for i in saver2._key_metric_checkpoint._saved] == [(-0.25, "model.pt")]
+
+
+def test_best_metric_state_keeps_model_pt_against_a_worse_validation(tmp_path):
+    """After a restore, a worse key metric leaves model.pt alone and a better one replaces it (higher is better)."""
+    from monai.engines import SupervisedEvaluator
+    from monai.handlers import CheckpointSaver
+
+    net = torch.nn.Linear(1, 1)
+    evaluator = SupervisedEvaluator(device=torch.device("cpu"), val_data_loader=[0], network=net)
+    saver = CheckpointSaver(save_dir=str(tmp_path), save_dict={"model": net}, save_key_metric=True,
+                            key_metric_name="dice", key_metric_filename="model.pt")
+    BestMetricState(evaluator, [saver]).load_state_dict(
+        {"best_metric": 0.5, "best_metric_epoch": 1, "savers": [{"_saved": [(0.5, "model.pt")]}]}
+    )
+    torch.save({"marker": torch.zeros(1)}, str(tmp_path / "model.pt"))  # the best model of the interrupted run
+    engine = Engine(lambda e, b: None)
+    for dice, replaced in ((0.4, False), (0.5, False), (0.6, True)):
+        engine.state.metrics = {"dice": dice}
+        saver.metrics_completed(engine)
+        assert ("marker" not in torch.load(str(tmp_path / "model.pt"), weights_only=True)) == replaced, dice
+
+
+@pytest.mark.parametrize(
+    "output",
+    [
+        {"loss": torch.tensor(0.25), "pred": None},  # pretraining trainer (decollate=False): one dict
+        [{"loss": torch.tensor(0.25), "pred": None}, {"loss": torch.tensor(0.25), "pred": None}],  # finetuning
+    ],
+)
+def test_progress_bar_shows_the_loss(output, capsys):
+    assert loss_of(output) == {"loss": 0.25}
+    engine = Engine(lambda e, b: output)
+    TrainProgressBar(persist=True).attach(engine)
+    engine.run([0, 1], max_epochs=1)
+    assert "loss=0.25" in capsys.readouterr().err

@@ -206,6 +206,13 @@ BACKBONES = {
 SCIPY_VERSION = "1.17.1"
 FROM_LOSS = "$monai.handlers.from_engine(['loss'], first=True)"
 SEED = 123
+# under torchrun every rank draws its own crops and augmentations: seed + global rank (RANK, set by torchrun)
+RANK_SEED = "@seed + int(os.environ.get('RANK', '0'))"
+CHECKPOINTS = "hybridmim_components.checkpoints"
+# one progress bar (with the loss) for both bundle families, listed in train#handlers
+PROGRESS_BAR = {"_target_": "hybridmim_components.progress.TrainProgressBar"}
+FULL_CHECKPOINT = {"model": "@network", "optimizer": "@optimizer", "lr_scheduler": "@lr_scheduler",
+                   "trainer": "@train#trainer", "best_validation": "@train#best_validation"}
 
 
 def bundle_name(backbone: str, task: str) -> str:
@@ -351,6 +358,8 @@ def _val_postprocessing(task: str, label_key: str = "label", invert: bool = Fals
         tr.append(
             {"_target_": "AsDiscreted", "keys": ["pred", label_key], "argmax": [True, False], "to_onehot": [n, n]}
         )
+    if invert:
+        tr.append(_save_evaluated_segmentation(task))
     # per-class Dice: pred_<class>, <label_key>_<class> (one channel each)
     tr.append(
         {
@@ -363,6 +372,41 @@ def _val_postprocessing(task: str, label_key: str = "label", invert: bool = Fals
         }
     )
     return {"_target_": "Compose", "transforms": tr}
+
+
+def _label_map_saver(key: str) -> dict:
+    """``SaveImaged`` of a label map at the input's geometry: ``<image name>_seg.nii.gz`` in ``output_dir``."""
+    return {
+        "_target_": "SaveImaged",
+        "keys": key,
+        "output_dir": "@output_dir",
+        "output_postfix": "seg",
+        "output_ext": ".nii.gz",
+        "output_dtype": "$numpy.uint8",
+        "resample": False,
+        "separate_folder": False,
+        "print_log": True,
+    }
+
+
+def _save_evaluated_segmentation(task: str) -> dict:
+    """evaluate.json: each validation case's label map (as inference.json writes it), from the discretised ``pred``
+    already inverted to the input grid, so it overlays the input image; off with ``save_predictions`` false."""
+    to_label_map = (
+        {"_target_": "hybridmim_components.finetune_workflow.BratsClassesToLabelMapd", "keys": "seg"}
+        if TASKS[task]["sigmoid"]
+        else {"_target_": "AsDiscreted", "keys": "seg", "argmax": True}  # one-hot -> label values
+    )
+    return {
+        "_target_": "Compose",
+        "_disabled_": "$not @save_predictions",
+        "transforms": [
+            {"_target_": "CopyItemsd", "keys": "pred", "names": "seg"},
+            to_label_map,
+            _label_map_saver("seg"),
+            {"_target_": "DeleteItemsd", "keys": "seg"},
+        ],
+    }
 
 
 def _per_class_metrics(task: str, label_key: str, prefix: str, target: str, extra: dict | None = None) -> dict:
@@ -390,12 +434,13 @@ def train_config(backbone: str, task: str) -> dict:
     t, b = TASKS[task], BACKBONES[backbone]
     roi = [t["roi"]] * 3
     cfg: dict = {
-        "imports": ["$import os", "$import torch", "$import ignite", "$import hybridmim_components",
+        "imports": ["$import os", "$import torch", "$import hybridmim_components",
                     "$import hybridmim_components.data", "$import hybridmim_components.finetune_workflow"],
         **location_keys(t["dataset_dir"]),
         "pretrained_path": f"$@bundle_root + '/../{pretrain_bundle(backbone, task)}/models/model.pt'",
         "label_fraction": 1.0,
         "resume": False,
+        "seed": SEED,
         # read every image and label of the datalist once before caching (corrupt files, channels, label values,
         # NaN/inf); false skips the scan
         "check_data": True,
@@ -468,6 +513,7 @@ def train_config(backbone: str, task: str) -> dict:
             {"_target_": "StatsHandler", "tag_name": "train_loss", "output_transform": FROM_LOSS},
             {"_target_": "TensorBoardStatsHandler", "log_dir": "@output_dir", "tag_name": "train_loss",
              "output_transform": FROM_LOSS},
+            dict(PROGRESS_BAR),
         ],
         "trainer": {
             "_target_": "SupervisedTrainer",
@@ -481,29 +527,25 @@ def train_config(backbone: str, task: str) -> dict:
             "train_handlers": "@train#handlers",
             "amp": "@amp",
         },
-        # full checkpoint (network, optimiser, scheduler, trainer state) for `resume`; it references the trainer,
-        # so it is attached in `initialize` rather than listed in train#handlers
+        # full checkpoint (network, optimiser, scheduler, trainer state, best validation) for `resume`; it
+        # references the trainer, so it is attached in `initialize` rather than listed in train#handlers
         "checkpoint_saver": {
             "_target_": "CheckpointSaver",
             "save_dir": "@ckpt_dir",
-            "save_dict": {"model": "@network", "optimizer": "@optimizer", "lr_scheduler": "@lr_scheduler",
-                          "trainer": "@train#trainer"},
+            "save_dict": dict(FULL_CHECKPOINT),
             "file_prefix": "",
             "save_interval": "@val_interval",
             "n_saved": 1,
             "save_final": True,
             "final_filename": "checkpoint_final.pt",
         },
-        "resume_checkpoint": "$hybridmim_components.finetune_workflow.latest_checkpoint(@ckpt_dir) if @resume else None",
-        "resume_loader": {
-            "_target_": "CheckpointLoader",
-            "_disabled_": "$@train#resume_checkpoint is None",
-            "load_path": "@train#resume_checkpoint",
-            "load_dict": {"model": "@network", "optimizer": "@optimizer", "lr_scheduler": "@lr_scheduler",
-                          "trainer": "@train#trainer"},
+        "checkpoint_loader": {
+            "_target_": f"{CHECKPOINTS}.ResumeFromLatestCheckpoint",
+            "ckpt_dir": "@ckpt_dir",
+            "load_dict": dict(FULL_CHECKPOINT),
+            "enabled": "@resume",
             "map_location": "@device",
         },
-        "progress_bar": {"_target_": "ignite.handlers.ProgressBar", "persist": True},
     }
     cfg["validate"] = {
         "preprocessing": {"_target_": "Compose", "transforms": "%train#deterministic_transforms"},
@@ -545,20 +587,28 @@ def train_config(backbone: str, task: str) -> dict:
             "amp": "@amp",
         },
     }
+    # best val_mean_dice so far and the best-model saver's record, kept in the full checkpoint so that a resumed
+    # run replaces models/model.pt only with a better model
+    cfg["train"]["best_validation"] = {
+        "_target_": f"{CHECKPOINTS}.BestMetricState",
+        "evaluator": "@validate#evaluator",
+        "savers": [f"@validate#handlers#{i}" for i, h in enumerate(cfg["validate"]["handlers"])
+                   if h["_target_"] == "CheckpointSaver"],
+    }
     # skips the optimizer step of a NaN/inf loss, logs it, stops after max_nonfinite_steps in a row (attached in
     # `initialize`: it references the trainer's optimizer)
     cfg["train"]["nonfinite_guard"] = {"_target_": "hybridmim_components.nonfinite.NonFiniteLossGuard",
                                        "max_nonfinite_steps": "@max_nonfinite_steps"}
     cfg["initialize"] = [
+        # seeded first: the network is built (lazily) by the first entry that references it
+        "$monai.utils.set_determinism(seed=@seed)",
         f"$hybridmim_components.finetune_workflow.check_roi_size(@roi_size, {b['roi_multiple']})",
         *_data_check_initialize(task),
-        f"$monai.utils.set_determinism(seed={SEED})",
         # backbone weights of the pretraining bundle (encoder and decoder; only the last layer starts from scratch);
         # the loader logs its report and stops on weights that do not fit
         "$hybridmim_components.load_pretrained_weights(@network_def, @pretrained_path)",
         "$@train#checkpoint_saver.attach(@train#trainer)",
-        "$None if @train#resume_loader is None else @train#resume_loader.attach(@train#trainer)",
-        f"$@train#progress_bar.attach(@train#trainer, output_transform={FROM_LOSS[1:]})",
+        "$@train#checkpoint_loader.attach(@train#trainer)",
         "$@train#nonfinite_guard.attach(@train#trainer)",
     ]
     cfg["run"] = ["$@train#trainer.run()"]
@@ -589,6 +639,8 @@ def evaluate_config(backbone: str, task: str) -> dict:
     additional.update(_per_class_metrics(task, "reference", "val_dice", "MeanDice"))
     additional.update(_per_class_metrics(task, "reference", "val_hd95", hd["_target_"], {"percentile": 95.0}))
     return {
+        # one label map per validation case (<image name>_seg.nii.gz in output_dir, the input's geometry)
+        "save_predictions": True,
         "validate#preprocessing": {
             "_target_": "Compose",
             "transforms": _deterministic_transforms(task, keep_original_label=True),
@@ -610,12 +662,15 @@ def evaluate_config(backbone: str, task: str) -> dict:
                 "delimiter": ",",
             },
         ],
-        "initialize": [f"$monai.utils.set_determinism(seed={SEED})"],
+        "initialize": ["$monai.utils.set_determinism(seed=@seed)"],
         "run": ["$@validate#evaluator.run()"],
     }
 
 
 def multi_gpu_config(backbone: str, task: str) -> dict:
+    # rank 0 alone logs (console, TensorBoard, progress bar) and saves
+    rank0_train = [i for i, h in enumerate(train_config(backbone, task)["train"]["handlers"])
+                   if h["_target_"] in ("StatsHandler", "TensorBoardStatsHandler", PROGRESS_BAR["_target_"])]
     return {
         "device": DDP_DEVICE,
         "network": dict(DDP_NETWORK),
@@ -625,8 +680,7 @@ def multi_gpu_config(backbone: str, task: str) -> dict:
         "@dataset_dir, @data_list_file_path, 'training', label_fraction=@label_fraction, "
         "required_keys=('image', 'label')), shuffle=True, seed=" + str(SEED) + ", even_divisible=True, "
         "what='training list')",
-        # rank 0 alone logs (StatsHandler, TensorBoardStatsHandler are the last two train handlers) and saves
-        "train#trainer#train_handlers": "$@train#handlers[: -2 if dist.get_rank() > 0 else None]",
+        **{f"train#handlers#{i}#_disabled_": "$dist.get_rank() > 0" for i in rank0_train},
         "validate#dataset#data": "$hybridmim_components.data.partition_for_rank(hybridmim_components.data."
         "load_datalist(@dataset_dir, @data_list_file_path, 'validation', required_keys=('image', 'label')), "
         "what='validation list')",
@@ -635,14 +689,13 @@ def multi_gpu_config(backbone: str, task: str) -> dict:
             "$import torch.distributed as dist",
             "$dist.is_initialized() or dist.init_process_group(backend='nccl' if torch.cuda.is_available() else 'gloo')",
             "$torch.cuda.set_device(@device) if torch.cuda.is_available() else None",
+            # seeded before the network is built; a different random stream per rank (crops, augmentations)
+            f"$monai.utils.set_determinism(seed={RANK_SEED})",
             f"$hybridmim_components.finetune_workflow.check_roi_size(@roi_size, {BACKBONES[backbone]['roi_multiple']})",
             *_data_check_initialize(task),
-            f"$monai.utils.set_determinism(seed={SEED})",
             "$hybridmim_components.load_pretrained_weights(@network_def, @pretrained_path)",
             "$@train#checkpoint_saver.attach(@train#trainer) if dist.get_rank() == 0 else None",
-            "$None if @train#resume_loader is None else @train#resume_loader.attach(@train#trainer)",
-            f"$@train#progress_bar.attach(@train#trainer, output_transform={FROM_LOSS[1:]}) "
-            "if dist.get_rank() == 0 else None",
+            "$@train#checkpoint_loader.attach(@train#trainer)",
             "$@train#nonfinite_guard.attach(@train#trainer)",
         ],
         "run": ["$@train#trainer.run()"],
@@ -671,19 +724,7 @@ def inference_config(backbone: str, task: str) -> dict:
                  {"_target_": "hybridmim_components.finetune_workflow.BratsClassesToLabelMapd", "keys": "pred"}]
     else:
         post.append({"_target_": "AsDiscreted", "keys": "pred", "argmax": True})
-    post.append(
-        {
-            "_target_": "SaveImaged",
-            "keys": "pred",
-            "output_dir": "@output_dir",
-            "output_postfix": "seg",
-            "output_ext": ".nii.gz",
-            "output_dtype": "$numpy.uint8",
-            "resample": False,
-            "separate_folder": False,
-            "print_log": True,
-        }
-    )
+    post.append(_label_map_saver("pred"))
     cfg.update(
         {
             "network_def": _network_def(backbone, task, inference=True),
@@ -787,7 +828,9 @@ def metadata(backbone: str, task: str) -> dict:
                         "dtype": "float32",
                         "value_range": [0, 1],
                         "is_patch_data": True,
-                        "channel_def": {str(i): c for i, c in enumerate(names)},
+                        # MONAI Label names the values of the label map it receives after `postprocessing` with
+                        # this channel_def (name -> int(key)): BraTS writes 1/2/4, not the TC/WT/ET channels
+                        "channel_def": post_def,
                     }
                 },
                 "post_processed_outputs": {
@@ -913,7 +956,8 @@ Build the datalist (an MSD-form JSON with `training`, `validation` and `testing`
 The best network (mean validation Dice) is saved to `models/model.pt` as a flat state dict. A full checkpoint
 (network, optimiser, scheduler, trainer state) `models/checkpoint_epoch=<N>.pt` is written every `val_interval`
 epochs and `models/checkpoint_final.pt` at the end or on an error; `--resume true` continues from the newest of them
-(the learning-rate schedule continues as saved). TensorBoard logs go to `eval/`; the console shows a progress bar.
+(the learning-rate schedule continues as saved, and so does the best validation Dice: `model.pt` is replaced only by
+a better model). TensorBoard logs go to `eval/`; the console shows a progress bar.
 
 ### Memory consumption
 
@@ -990,7 +1034,9 @@ torchrun --standalone --nnodes=1 --nproc_per_node=<N> -m monai.bundle run \\
 Evaluate `models/model.pt` on the validation list at the original resolution (the preprocessing is inverted):
 Dice and 95 % Hausdorff distance (mm) per class, written to `eval/metrics.csv`, per image to
 `eval/val_mean_dice_raw.csv` / `eval/val_mean_hd95_raw.csv` and summarised in `eval/*_summary.csv` (there the
-columns `class0`, `class1`, ... are the scored classes in `channel_def` order{'' if t['sigmoid'] else ', background left out'}):
+columns `class0`, `class1`, ... are the scored classes in the network's channel order{'' if t['sigmoid'] else ', background left out'}).
+Each case's label map is written too, as `eval/<image name>_seg.nii.gz` on the input image's grid and affine
+(`--save_predictions false` skips them):
 
 ```bash
 {run} --config_file "['{cfg}/train.json','{cfg}/evaluate.json']"
@@ -1021,7 +1067,7 @@ The bundle follows the keys MONAI Label's `monaibundle` app reads (`network_def`
 monailabel start_server --app apps/monaibundle --studies <images> --conf models {name}
 ```
 
-Inference needs a trained `models/model.pt`.{' MONAI Label names labels after `channel_def`; this bundle writes a BraTS label map (1, 2, 4), so label names in MONAI Label do not match the three sigmoid channels.' if t['sigmoid'] else ''}
+Inference needs a trained `models/model.pt`.{' MONAI Label names the labels after `network_data_format.outputs.pred.channel_def` of the metadata, which here names the values of the BraTS label map that the post-processing writes (1 necrotic/non-enhancing core, 2 oedema, 4 enhancing tumour) rather than the three sigmoid channels TC/WT/ET.' if t['sigmoid'] else ''}
 
 ## References
 

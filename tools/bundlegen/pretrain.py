@@ -18,7 +18,15 @@ from dataclasses import dataclass
 from tools.bundlegen.common import ADAMW, DDP_DEVICE, DDP_NETWORK, metadata_header, location_keys
 from tools.bundlegen.figures import performance_section
 
-MIM = "hybridmim_components.pretrain_workflow"
+MIM = "hybridmim_components.pretrain_workflow"  # PrepareMIMBatch, loss_terms_transform
+METRICS = "hybridmim_components.pretext_metrics"
+PREVIEWS = "hybridmim_components.previews"
+SEEDING = "hybridmim_components.seeding"
+CHECKPOINTS = "hybridmim_components.checkpoints"
+# one progress bar (with the loss) for both bundle families, listed in train#handlers
+PROGRESS_BAR = {"_target_": "hybridmim_components.progress.TrainProgressBar"}
+# under torchrun every rank draws its own crops and masks: seed + global rank (RANK, set by torchrun)
+RANK_SEED = "@seed + int(os.environ.get('RANK', '0'))"
 # volumes cached in memory per process: 200 x ~35-70 MB per CT (measured, see the README's Memory section) <= 14 GB
 CACHE_NUM = 200
 TOTAL_STEPS = 100_000
@@ -103,6 +111,8 @@ def _head(spec: Spec) -> dict:
             "$import torch",
             "$import hybridmim_components",
             f"$import {MIM} as mim",
+            f"$import {METRICS}",
+            f"$import {CHECKPOINTS}",
             "$from hybridmim_components.data import load_datalist",
         ],
         **location_keys(spec.dataset_dir),
@@ -157,7 +167,6 @@ MASK = {
     "mask_ratio": "@mask_ratio",
 }
 CENTER_CROP = {"_target_": "CenterSpatialCropd", "keys": "image", "roi_size": "@roi_size"}
-ENGINE_OUTPUT_LOSS = "$lambda output: {'loss': output['loss'].item()}"
 
 
 def _train_config(spec: Spec) -> dict:
@@ -244,7 +253,7 @@ def _train_config(spec: Spec) -> dict:
                 {"_target_": "StatsHandler", "tag_name": "train_loss", "output_transform": loss_terms},
                 {"_target_": "TensorBoardStatsHandler", "log_dir": "@output_dir", "tag_name": "train_loss",
                  "output_transform": loss_terms},
-                {"_target_": f"{MIM}.TrainProgressBar", "output_transform": ENGINE_OUTPUT_LOSS},
+                dict(PROGRESS_BAR),
             ],
             "trainer": {
                 "_target_": "SupervisedTrainer",
@@ -276,12 +285,12 @@ def _train_config(spec: Spec) -> dict:
             # best val_recon_mse so far and the best-model savers' records, kept in the full checkpoint so that a
             # resumed run does not overwrite models/model.pt with a worse model
             "best_validation": {
-                "_target_": f"{MIM}.BestMetricState",
+                "_target_": f"{CHECKPOINTS}.BestMetricState",
                 "evaluator": "@validate#evaluator",
                 "savers": best_savers,
             },
             "checkpoint_loader": {
-                "_target_": f"{MIM}.ResumeFromLatestCheckpoint",
+                "_target_": f"{CHECKPOINTS}.ResumeFromLatestCheckpoint",
                 "ckpt_dir": "@ckpt_dir",
                 "load_dict": full_ckpt,
                 "enabled": "@resume",
@@ -319,11 +328,11 @@ def _train_config(spec: Spec) -> dict:
             },
             "inferer": {"_target_": "SimpleInferer"},
             "key_metric": {
-                "val_recon_mse": {"_target_": f"{MIM}.MaskedReconstructionMSE", "device": "@device"},
+                "val_recon_mse": {"_target_": f"{METRICS}.MaskedReconstructionMSE", "device": "@device"},
             },
             "additional_metrics": {
-                "val_number_acc": {"_target_": f"{MIM}.NumberAccuracy", "device": "@device"},
-                "val_location_acc": {"_target_": f"{MIM}.LocationAccuracy", "device": "@device"},
+                "val_number_acc": {"_target_": f"{METRICS}.NumberAccuracy", "device": "@device"},
+                "val_location_acc": {"_target_": f"{METRICS}.LocationAccuracy", "device": "@device"},
             },
             "handlers": val_handlers,
             "evaluator": {
@@ -335,7 +344,7 @@ def _train_config(spec: Spec) -> dict:
                 "prepare_batch": "@prepare_batch",
                 "key_val_metric": "@validate#key_metric",
                 "additional_metrics": "@validate#additional_metrics",
-                "metric_cmp_fn": "$mim.lower_is_better",
+                "metric_cmp_fn": f"${METRICS}.lower_is_better",
                 "val_handlers": "@validate#handlers",
                 "amp": "$@amp and torch.cuda.is_available()",
                 "decollate": False,
@@ -348,11 +357,11 @@ def _train_config(spec: Spec) -> dict:
 
 def _validation_handlers() -> list:
     return [
-        {"_target_": f"{MIM}.ReseedHandler", "seed": "@seed", "transform": "@validate#preprocessing",
+        {"_target_": f"{SEEDING}.ReseedHandler", "seed": "@seed", "transform": "@validate#preprocessing",
          "generator": "@validate#generator"},
         {"_target_": "StatsHandler", "iteration_log": False},
         {"_target_": "TensorBoardStatsHandler", "log_dir": "@output_dir", "iteration_log": False},
-        {"_target_": f"{MIM}.MIMPreviewHandler", "log_dir": "@output_dir"},
+        {"_target_": f"{PREVIEWS}.MIMPreviewHandler", "log_dir": "@output_dir"},
         {"_target_": "CheckpointSaver", "save_dir": "@ckpt_dir",
          "save_dict": {"model": "$@network_def.backbone"}, "save_key_metric": True,
          "key_metric_filename": "model.pt", "key_metric_negative_sign": True},
@@ -367,6 +376,9 @@ def _train_initialize(seed: str = "@seed", saver_condition: str = "") -> list:
     if saver_condition:
         saver = f"$@train#checkpoint_saver.attach(@train#trainer) if {saver_condition} else None"
     return [
+        # seeded first: the network is built (lazily) by the first entry that references it, and must start from
+        # the same weights in every run
+        f"$monai.utils.set_determinism(seed={seed})",
         # crop, sub-volume, patch and region sizes, then every datalist file, are checked before any data is cached
         "$@network_def.check_crop(@roi_size, @patch_size)",
         "$import hybridmim_components.input_checks",
@@ -374,7 +386,6 @@ def _train_initialize(seed: str = "@seed", saver_condition: str = "") -> list:
         "('training', 'validation'), image_channels=@in_channels, enabled=@check_data)",
         "$hybridmim_components.input_checks.check_contrastive_batch(@loss#contrastive_weight, @batch_size, "
         "@samples_per_volume)",
-        f"$monai.utils.set_determinism(seed={seed})",
         saver,
         "$@train#checkpoint_loader.attach(@train#trainer)",
         "$@train#nonfinite_guard.attach(@train#trainer)",
@@ -384,9 +395,9 @@ def _train_initialize(seed: str = "@seed", saver_condition: str = "") -> list:
 def _multi_gpu_config(train: dict) -> dict:
     """torchrun DDP layered on train.json: NCCL on GPUs, gloo on CPU; rank 0 logs and saves."""
     rank0_train = [i for i, h in enumerate(train["train"]["handlers"])
-                   if h["_target_"] in ("StatsHandler", "TensorBoardStatsHandler", f"{MIM}.TrainProgressBar")]
+                   if h["_target_"] in ("StatsHandler", "TensorBoardStatsHandler", PROGRESS_BAR["_target_"])]
     rank0_val = [i for i, h in enumerate(train["validate"]["handlers"])
-                 if h["_target_"] in ("StatsHandler", "TensorBoardStatsHandler", f"{MIM}.MIMPreviewHandler",
+                 if h["_target_"] in ("StatsHandler", "TensorBoardStatsHandler", f"{PREVIEWS}.MIMPreviewHandler",
                                       "CheckpointSaver")]
     config = {
         "device": DDP_DEVICE,
@@ -407,7 +418,7 @@ def _multi_gpu_config(train: dict) -> dict:
         "$dist.is_initialized() or dist.init_process_group(backend='nccl' if torch.cuda.is_available() else 'gloo')",
         "$torch.cuda.set_device(@device) if torch.cuda.is_available() else None",
         # a different random stream per rank (crops and masks), reproducible for a given world size
-        *_train_initialize(seed="@seed + dist.get_rank()", saver_condition="dist.get_rank() == 0"),
+        *_train_initialize(seed=RANK_SEED, saver_condition="dist.get_rank() == 0"),
     ]
     config["run"] = ["$@train#trainer.run()"]
     config["finalize"] = ["$dist.is_initialized() and dist.destroy_process_group()"]
@@ -418,7 +429,7 @@ def _evaluate_config() -> dict:
     """Layered on train.json: pretext metrics of the saved model on the validation list."""
     return {
         "validate#handlers": [
-            {"_target_": f"{MIM}.ReseedHandler", "seed": "@seed", "transform": "@validate#preprocessing",
+            {"_target_": f"{SEEDING}.ReseedHandler", "seed": "@seed", "transform": "@validate#preprocessing",
              "generator": "@validate#generator"},
             {"_target_": "StatsHandler", "iteration_log": False},
             {"_target_": "MetricsSaver", "save_dir": "@output_dir",
@@ -426,7 +437,7 @@ def _evaluate_config() -> dict:
         ],
         "initialize": [
             "$monai.utils.set_determinism(seed=@seed)",
-            "$mim.load_pretrain_checkpoint(@network_def, @ckpt_dir + '/model.pt', "
+            f"${CHECKPOINTS}.load_pretrain_checkpoint(@network_def, @ckpt_dir + '/model.pt', "
             "@ckpt_dir + '/pretrain_network.pt', map_location=@device)",
         ],
         "run": ["$@validate#evaluator.run()"],
@@ -494,7 +505,7 @@ def _inference_config(spec: Spec, train: dict) -> dict:
         },
         "handlers": [
             {"_target_": "StatsHandler", "iteration_log": False},
-            {"_target_": f"{MIM}.SaveMIMOutputs", "output_dir": "@output_dir"},
+            {"_target_": f"{PREVIEWS}.SaveMIMOutputs", "output_dir": "@output_dir"},
         ],
         "evaluator": {
             "_target_": "SupervisedEvaluator",
