@@ -92,15 +92,15 @@ class MIMPreviewHandler:
 
 
 class SaveMIMOutputs:
-    """Write, for each sample of an (inference) engine output, the masked input crop and the reconstruction of the
-    region as NIfTI files side by side in ``{output_dir}/{image name}/``: ``{name}_masked.nii.gz`` and
-    ``{name}_reconstruction.nii.gz``. The reconstruction's affine is the crop's, shifted to the region, so both
-    overlay in a viewer.
+    """Write, for each sample of an (inference) engine output, the masked input crop, the unmasked crop and the
+    reconstruction of the region as NIfTI files side by side in ``{output_dir}/{image name}/``:
+    ``{name}_masked.nii.gz``, ``{name}_original.nii.gz`` and ``{name}_reconstruction.nii.gz``. The reconstruction's
+    affine is the crop's, shifted to the region, so all three overlay in a viewer.
 
     Args:
         output_dir: output folder.
         output_ext: file extension.
-        masked_postfix, reconstruction_postfix: file name postfixes.
+        masked_postfix, original_postfix, reconstruction_postfix: file name postfixes.
     """
 
     def __init__(
@@ -109,12 +109,14 @@ class SaveMIMOutputs:
         output_ext: str = ".nii.gz",
         masked_postfix: str = "masked",
         reconstruction_postfix: str = "reconstruction",
+        original_postfix: str = "original",
     ) -> None:
         from monai.transforms import SaveImage
 
         kwargs = dict(output_dir=output_dir, output_ext=output_ext, separate_folder=True, resample=False)
         self.save_masked = SaveImage(output_postfix=masked_postfix, **kwargs)
         self.save_reconstruction = SaveImage(output_postfix=reconstruction_postfix, **kwargs)
+        self.save_original = SaveImage(output_postfix=original_postfix, **kwargs)
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.ITERATION_COMPLETED, self)
@@ -126,10 +128,13 @@ class SaveMIMOutputs:
         pred = output[Keys.PRED]
         region = tuple(pred["region_slices"])
         start = torch.tensor([float(s.start) for s in region] + [1.0], dtype=torch.float64)
-        for image, recon in zip(decollate_batch(output[Keys.IMAGE].detach().cpu()), pred["reconstruction"].detach().cpu()):
+        originals = output[Keys.LABEL]["mim_target"].detach().cpu()  # B×C×D×H×W, the crop before masking
+        images = decollate_batch(output[Keys.IMAGE].detach().cpu())
+        for image, original, recon in zip(images, originals, pred["reconstruction"].detach().cpu()):
             meta = dict(image.meta) if isinstance(image, MetaTensor) else {}
             affine = torch.as_tensor(meta.get("affine", torch.eye(4)), dtype=torch.float64)
             region_affine = affine.clone()
             region_affine[:, 3] = affine @ start  # origin moved to the region's first voxel
             self.save_masked(image)
+            self.save_original(MetaTensor(original.float(), affine=affine, meta=meta))
             self.save_reconstruction(MetaTensor(recon.float(), affine=region_affine, meta={**meta, "affine": region_affine}))

@@ -135,7 +135,9 @@ def test_pretrain_bundle_end_to_end(name, demo_data, tmp_path):
     _bundle_run(name, ["configs/train.json", "configs/evaluate.json"],
                 [*common, "--output_dir", str(eval_dir), "--validate#dataloader#num_workers", "0"], "evaluate")
     metrics = _read_metrics(eval_dir / "metrics.csv")
-    assert set(metrics) == {"val_recon_mse", "val_number_acc", "val_location_acc"}, metrics
+    pretext = {"val_recon_mse", "val_number_acc", "val_location_acc"}
+    assert set(metrics) == pretext | {f"{m}_baseline" for m in pretext}, metrics
+    assert 0 < metrics["val_number_acc_baseline"] < 1 and metrics["val_location_acc_baseline"] >= 0.5
     # same weights (model.pt + pretrain_network.pt), same seeded masks: the validation run's figures again
     logged = _logged_metrics(log)
     for key, value in metrics.items():
@@ -188,6 +190,12 @@ def _check_inference_outputs(inf_dir, datalist: str, in_channels: int) -> None:
     for case in os.listdir(inf_dir):
         masked = nib.load(str(inf_dir / case / f"{case}_masked.nii.gz"))
         recon = nib.load(str(inf_dir / case / f"{case}_reconstruction.nii.gz"))
+        original = nib.load(str(inf_dir / case / f"{case}_original.nii.gz"))
+        # the unmasked crop beside the masked one: same grid, equal wherever no patch was masked
+        assert original.shape == masked.shape
+        np.testing.assert_allclose(original.affine, masked.affine)
+        differs = original.get_fdata() != masked.get_fdata()
+        assert 0 < differs.mean() < 1
         spatial = lambda img: img.shape[:3]  # noqa: E731
         assert spatial(masked) == (64, 64, 64) and spatial(recon) == (32, 32, 32), (masked.shape, recon.shape)
         if in_channels > 1:

@@ -129,8 +129,8 @@ def inference_overrides(args, run_dir: str, ckpt_dir: str, roi_size, extra: dict
 # ----------------------------------------------------------------------------------------------------- measuring
 # ------------------------------------------------------------------------------------------------------- pictures
 def _axial(volume: np.ndarray, z: int) -> np.ndarray:
-    """``X×Y×Z`` (RAS) -> slice ``z`` as rows top-down = anterior up, left of the image = patient's right."""
-    return np.flipud(volume[:, :, z].T)
+    """``X×Y×Z`` (RAS) -> slice ``z`` in radiological view: anterior up, the patient's right on the image's left."""
+    return np.flipud(volume[:, :, z].T)[:, ::-1]
 
 
 def segmentation_png(path: str, ct: np.ndarray, truth: np.ndarray, preds: dict[str, np.ndarray], title: str) -> None:

@@ -20,6 +20,7 @@ from tools.bundlegen.figures import performance_section
 
 MIM = "hybridmim_components.pretrain_workflow"  # PrepareMIMBatch, loss_terms_transform
 METRICS = "hybridmim_components.pretext_metrics"
+BASELINES = "hybridmim_components.pretext_baselines"
 PREVIEWS = "hybridmim_components.previews"
 SEEDING = "hybridmim_components.seeding"
 CHECKPOINTS = "hybridmim_components.checkpoints"
@@ -125,6 +126,7 @@ def _head(spec: Spec) -> dict:
         "sub_volume_size": 32,
         "patch_size": 16,
         "mask_ratio": 0.4,
+        "mask_value": 0.0,
         **width,
         "network_def": network_def,
         "network": "$@network_def.to(@device)",
@@ -165,6 +167,7 @@ MASK = {
     "sub_volume_size": "@sub_volume_size",
     "patch_size": "@patch_size",
     "mask_ratio": "@mask_ratio",
+    "mask_value": "@mask_value",
 }
 CENTER_CROP = {"_target_": "CenterSpatialCropd", "keys": "image", "roi_size": "@roi_size"}
 
@@ -333,6 +336,10 @@ def _train_config(spec: Spec) -> dict:
             "additional_metrics": {
                 "val_number_acc": {"_target_": f"{METRICS}.NumberAccuracy", "device": "@device"},
                 "val_location_acc": {"_target_": f"{METRICS}.LocationAccuracy", "device": "@device"},
+                # what a predictor ignoring the image scores on the same crops and masks
+                "val_recon_mse_baseline": {"_target_": f"{BASELINES}.MaskedReconstructionBaseline", "device": "@device"},
+                "val_number_acc_baseline": {"_target_": f"{BASELINES}.NumberAccuracyBaseline", "device": "@device"},
+                "val_location_acc_baseline": {"_target_": f"{BASELINES}.LocationAccuracyBaseline", "device": "@device"},
             },
             "handlers": val_handlers,
             "evaluator": {
@@ -433,7 +440,8 @@ def _evaluate_config() -> dict:
              "generator": "@validate#generator"},
             {"_target_": "StatsHandler", "iteration_log": False},
             {"_target_": "MetricsSaver", "save_dir": "@output_dir",
-             "metrics": ["val_recon_mse", "val_number_acc", "val_location_acc"]},
+             "metrics": ["val_recon_mse", "val_number_acc", "val_location_acc", "val_recon_mse_baseline",
+                         "val_number_acc_baseline", "val_location_acc_baseline"]},
         ],
         "initialize": [
             "$monai.utils.set_determinism(seed=@seed)",
@@ -704,8 +712,11 @@ masked (the mask is carried explicitly).
 Logged every iteration (console and TensorBoard in `output_dir`): the total loss and each term
 (`train_reconstruction`, `train_number`, `train_location`, `train_consistency`, `train_contrastive`) and the learning
 rate `lr`; a progress bar shows the iteration within the epoch. Validation metrics: `val_recon_mse` (MSE on the masked
-voxels of the region; key metric, lower is better), `val_number_acc`, `val_location_acc` (per patch), plus a preview
-image (masked input | reconstruction | original, middle axial slice) in TensorBoard.
+voxels of the region; key metric, lower is better), `val_number_acc`, `val_location_acc` (per patch), each beside its
+trivial baseline on the same crops and masks (`val_recon_mse_baseline`: every masked voxel predicted by the mean of
+the crop's visible voxels; `val_number_acc_baseline`: always the most frequent count; `val_location_acc_baseline`:
+always the majority state), plus a preview image (masked input | reconstruction | original, middle axial slice) in
+TensorBoard.
 
 Saved in `ckpt_dir` (default `models/`): `model.pt` (backbone only, best `val_recon_mse`), `pretrain_network.pt`
 (backbone and heads, same epoch; used by `evaluate.json`), and full training checkpoints `checkpoint_epoch=N.pt` /
