@@ -2,6 +2,7 @@
 
 Each concern lives in its own module; the names bundles reference by ``_target_`` are re-exported here.
 """
+from .flags import config_flag
 from .losses import (
     DropoutContrastiveLoss,
     HybridMIMLoss,

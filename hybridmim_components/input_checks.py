@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from hybridmim_components.flags import config_flag
 from hybridmim_components.data import load_datalist, resolve_datalist_path
 from hybridmim_components.distributed import rank_and_world_size
 
@@ -77,7 +78,7 @@ def check_datalist(
         FileNotFoundError, ValueError: from ``load_datalist`` (missing file, invalid JSON, empty section, ...).
         DataCheckError: files that cannot be trained on, every one named (up to :data:`MAX_NAMED_PROBLEMS`).
     """
-    enabled = _as_bool(enabled, "check_data")
+    enabled = config_flag(enabled, "check_data")
     read_keys = ("image", "label") if label_values is not None else ("image",)
     entries = []  # (section, index in the section as the datalist numbers it, entry)
     for section in sections:
@@ -227,15 +228,6 @@ def _read_voxels(path: str) -> np.ndarray:
     from monai.transforms import LoadImage
 
     return np.asarray(LoadImage(image_only=True)(path))  # other formats / DICOM folders: what the bundle uses
-
-
-def _as_bool(value: Any, name: str) -> bool:
-    """``True``/``False``, also as the strings the bundle CLI passes on (``--check_data false`` gives ``'false'``)."""
-    if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0", "yes", "no"):
-        return value.strip().lower() in ("true", "1", "yes")
-    if isinstance(value, (bool, int)) and value in (0, 1):
-        return bool(value)
-    raise ValueError(f"{name} must be true or false, got {value!r}.")
 
 
 def _short(paths: Any) -> str:

@@ -399,7 +399,7 @@ def _save_evaluated_segmentation(task: str) -> dict:
     )
     return {
         "_target_": "Compose",
-        "_disabled_": "$not @save_predictions",
+        "_disabled_": "$not hybridmim_components.config_flag(@save_predictions, 'save_predictions')",
         "transforms": [
             {"_target_": "CopyItemsd", "keys": "pred", "names": "seg"},
             to_label_map,
@@ -525,7 +525,7 @@ def train_config(backbone: str, task: str) -> dict:
             "optimizer": "@optimizer",
             "inferer": "@train#inferer",
             "train_handlers": "@train#handlers",
-            "amp": "@amp",
+            "amp": "$hybridmim_components.config_flag(@amp, 'amp')",
         },
         # full checkpoint (network, optimiser, scheduler, trainer state, best validation) for `resume`; it
         # references the trainer, so it is attached in `initialize` rather than listed in train#handlers
@@ -543,7 +543,7 @@ def train_config(backbone: str, task: str) -> dict:
             "_target_": f"{CHECKPOINTS}.ResumeFromLatestCheckpoint",
             "ckpt_dir": "@ckpt_dir",
             "load_dict": dict(FULL_CHECKPOINT),
-            "enabled": "@resume",
+            "enabled": "$hybridmim_components.config_flag(@resume, 'resume')",
             "map_location": "@device",
         },
     }
@@ -584,7 +584,7 @@ def train_config(backbone: str, task: str) -> dict:
             "key_val_metric": "@validate#key_metric",
             "additional_metrics": "@validate#additional_metrics",
             "val_handlers": "@validate#handlers",
-            "amp": "@amp",
+            "amp": "$hybridmim_components.config_flag(@amp, 'amp')",
         },
     }
     # best val_mean_dice so far and the best-model saver's record, kept in the full checkpoint so that a resumed
@@ -749,7 +749,7 @@ def inference_config(backbone: str, task: str) -> dict:
                 "inferer": "@inferer",
                 "postprocessing": "@postprocessing",
                 "val_handlers": "@handlers",
-                "amp": "@amp",
+                "amp": "$hybridmim_components.config_flag(@amp, 'amp')",
             },
             "checkpointloader": {
                 "_target_": "CheckpointLoader",

@@ -270,7 +270,7 @@ def _train_config(spec: Spec) -> dict:
                 "inferer": "@train#inferer",
                 "prepare_batch": "@prepare_batch",
                 "train_handlers": "@train#handlers",
-                "amp": "$@amp and torch.cuda.is_available()",
+                "amp": "$hybridmim_components.config_flag(@amp, 'amp') and torch.cuda.is_available()",
                 "decollate": False,
             },
             # full training checkpoints (for resume); they reference the trainer, so they are attached in
@@ -296,7 +296,7 @@ def _train_config(spec: Spec) -> dict:
                 "_target_": f"{CHECKPOINTS}.ResumeFromLatestCheckpoint",
                 "ckpt_dir": "@ckpt_dir",
                 "load_dict": full_ckpt,
-                "enabled": "@resume",
+                "enabled": "$hybridmim_components.config_flag(@resume, 'resume')",
                 "map_location": "@device",
             },
             # skips the optimizer step of a NaN/inf loss, logs it, stops after max_nonfinite_steps in a row;
@@ -353,7 +353,7 @@ def _train_config(spec: Spec) -> dict:
                 "additional_metrics": "@validate#additional_metrics",
                 "metric_cmp_fn": f"${METRICS}.lower_is_better",
                 "val_handlers": "@validate#handlers",
-                "amp": "$@amp and torch.cuda.is_available()",
+                "amp": "$hybridmim_components.config_flag(@amp, 'amp') and torch.cuda.is_available()",
                 "decollate": False,
             },
         },
