@@ -239,7 +239,8 @@ def test_alternative_roi_names(case):
 def test_oblique_orientation_and_anisotropic_pixels(tmp_path):
     """Rows run along +y, columns along +x, so the normal is -z: slices sort along the normal, not along z."""
     orientation = (0.0, 1.0, 0.0, 1.0, 0.0, 0.0)
-    series = make_ct_series(str(tmp_path / "ct"), orientation=orientation, pixel_spacing=(1.5, 2.5), origin=(10, -20, 30))
+    series = make_ct_series(str(tmp_path / "ct"), orientation=orientation, pixel_spacing=(1.5, 2.5),
+                            origin=(10, -20, 30))
     rs = make_rtstruct(tmp_path / "rs.dcm", series, {"GTV-1": [(k, rectangle(series, k, GTV_COLS, GTV_ROWS))
                                                                for k in GTV_SLICES]})
     rt.convert(str(tmp_path / "ct"), rs, ["GTV-1"], str(tmp_path / "i.nii.gz"), str(tmp_path / "l.nii.gz"))

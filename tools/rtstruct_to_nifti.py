@@ -179,6 +179,14 @@ def _scan(folder: str) -> tuple[list[tuple[str, object]], list[tuple[str, object
     return images, structs, other
 
 
+def _describe(slices) -> str:
+    """'CT "Thorax 3mm", 60 slices, e.g. 'a/b.dcm'' for an error message."""
+    path, ds = slices[0]
+    description = str(ds.get("SeriesDescription", "") or "")
+    return (f"{ds.get('Modality', '?')}{f' {description!r}' if description else ''}, {len(slices)} slices, "
+            f"e.g. '{path}'")
+
+
 def read_ct_series(folder: str, series_uid: str | None = None) -> CTSeries:
     """Read the image series in ``folder`` (any depth; RTSTRUCT and other non-image files are skipped).
 
@@ -199,8 +207,7 @@ def _series_from(folder: str, images, other: int, series_uid: str | None) -> CTS
     for path, ds in images:
         by_series.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append((path, ds))
     if series_uid is None and len(by_series) > 1:
-        listing = "; ".join(f"{uid} ({len(v)} slices, e.g. '{v[0][0]}', {v[0][1].get('Modality', '?')} "
-                            f"'{v[0][1].get('SeriesDescription', '')}')" for uid, v in by_series.items())
+        listing = "; ".join(f"{uid} ({_describe(v)})" for uid, v in by_series.items())
         raise DicomConversionError(
             f"'{folder}' holds {len(by_series)} image series: {listing}. Put one series per folder or pick one with "
             "--series_uid (series_uid=...).")
@@ -364,9 +371,10 @@ def check_references(structure: StructureSet, series: CTSeries, roi_numbers: Seq
                                      if uid not in known))
         if missing:
             raise DicomConversionError(
-                f"RTSTRUCT '{structure.path}', ROI '{structure.roi_names[number]}': {len(missing)} contour(s) reference "
-                f"images not in series {series.series_uid} ('{series.folder}'), e.g. ReferencedSOPInstanceUID "
-                f"{', '.join(missing[:3])}: the structures were drawn on other images (or slices are missing).")
+                f"RTSTRUCT '{structure.path}', ROI '{structure.roi_names[number]}': its contours reference "
+                f"{len(missing)} image(s) not in series {series.series_uid} ('{series.folder}'), e.g. "
+                f"ReferencedSOPInstanceUID {', '.join(missing[:3])}: the structures were drawn on other images (or "
+                "slices are missing).")
         frame = structure.roi_frames.get(number)
         if frame and series.frame_of_reference_uid and frame != series.frame_of_reference_uid:
             raise DicomConversionError(
