@@ -5,6 +5,8 @@ the pretraining bundles' weights.
 - :class:`ResumeFromLatestCheckpoint`: attaches a MONAI ``CheckpointLoader`` for it when the bundle's ``resume`` is on.
 - :class:`BestMetricState`: the best validation so far (evaluator state and best-model saver records) as a stateful
   object saved in the full checkpoint, so that a resumed run replaces ``model.pt`` only with a better model.
+- :class:`GradScalerState`: the trainer's AMP loss scaler as a stateful object for the full checkpoint, so that a
+  resumed mixed-precision run keeps its calibrated loss scale.
 - :func:`load_pretrain_checkpoint`: ``model.pt`` (backbone) and optionally the whole pretraining network.
 """
 from __future__ import annotations
@@ -20,7 +22,13 @@ import torch
 
 from hybridmim_components.transfer import extract_state_dict
 
-__all__ = ["latest_checkpoint", "ResumeFromLatestCheckpoint", "BestMetricState", "load_pretrain_checkpoint"]
+__all__ = [
+    "latest_checkpoint",
+    "ResumeFromLatestCheckpoint",
+    "BestMetricState",
+    "GradScalerState",
+    "load_pretrain_checkpoint",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -131,6 +139,49 @@ class BestMetricState:
             f"restored the best validation so far: {state_dict['best_metric']} at epoch "
             f"{state_dict['best_metric_epoch']}; model.pt is replaced only by a better one."
         )
+
+
+class GradScalerState:
+    """The trainer's AMP loss scaler (``GradScaler``) as a stateful object for the full training checkpoint.
+
+    A fresh scaler starts at scale 2^16 and halves it (skipping the optimizer step) at each overflow until it finds
+    the model's range again: without this object every resume would repeat that calibration. MONAI's trainer creates
+    ``trainer.scaler`` only in ``run()`` and only with ``amp`` (``None`` otherwise; a disabled scaler without CUDA),
+    so the scaler is looked up when the checkpoint is written or read (both happen inside ``run()``), and a run
+    without one saves ``{"state": {}}``. ``state_dict()`` holds plain floats and ints (``weights_only=True``).
+
+    A checkpoint of an AMP run resumed without AMP ignores the saved scale; a checkpoint of a float32 run resumed with
+    AMP leaves the fresh scaler as it is. Both are logged.
+
+    Args:
+        trainer: the training engine (``trainer.scaler``: a ``GradScaler`` or ``None``).
+    """
+
+    def __init__(self, trainer) -> None:
+        self.trainer = trainer
+
+    def _scaler(self):
+        scaler = getattr(self.trainer, "scaler", None)
+        if scaler is None or not getattr(scaler, "is_enabled", lambda: True)():
+            return None
+        return scaler
+
+    def state_dict(self) -> dict:
+        scaler = self._scaler()
+        return {"state": dict(scaler.state_dict()) if scaler is not None else {}}
+
+    def load_state_dict(self, state_dict: Mapping) -> None:
+        saved = state_dict.get("state") or {}
+        scaler = self._scaler()
+        if scaler is None:
+            if saved:
+                logger.info("the checkpoint holds an AMP loss scale but this run has no loss scaler (amp off): ignored.")
+            return
+        if not saved:
+            logger.info("the checkpoint holds no AMP loss scale (saved without amp): the loss scaler starts afresh.")
+            return
+        scaler.load_state_dict(dict(saved))
+        logger.info(f"restored the AMP loss scale {saved.get('scale')} from the checkpoint.")
 
 
 def _strip_prefixes(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

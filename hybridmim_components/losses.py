@@ -3,8 +3,14 @@
 Shapes: ``B`` batch, ``C`` channels, ``N`` sub-volumes per crop, ``P`` embedding size, ``R*`` region sides.
 
     L = L_rec + 0.1·L_num + 0.1·L_loc + 0.01·L_cons + 0.1·L_cl      (paper defaults)
+
+Every term is computed in float32 under mixed precision (:func:`computed_in_float32`): autocast would otherwise run
+the contrastive similarities in float16/bfloat16 (cosines near 1 lose most of their mantissa, and ``exp(sim/τ)``
+overflows float16 for small τ) and the squared errors of the reconstruction in the network's half precision.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +26,29 @@ __all__ = [
     "MaskConsistencyLoss",
     "DropoutContrastiveLoss",
     "HybridMIMLoss",
+    "computed_in_float32",
 ]
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def computed_in_float32(forward):
+    """Decorate a loss ``forward(self, *tensors)`` to run with autocast off and half-precision inputs cast to float32.
+
+    Other arguments (integer/bool targets, slices, float64 tensors) pass through unchanged. The casts are
+    differentiable, so gradients reach half-precision network outputs in their own dtype.
+    """
+
+    @functools.wraps(forward)
+    def wrapper(self, *args):
+        args = tuple(a.float() if isinstance(a, torch.Tensor) and a.dtype in _HALF else a for a in args)
+        device = next((a.device.type for a in args if isinstance(a, torch.Tensor)), "cpu")
+        if not torch.amp.is_autocast_available(device):
+            return forward(self, *args)
+        with torch.autocast(device, enabled=False):
+            return forward(self, *args)
+
+    return wrapper
 
 
 class PartialRegionReconstructionLoss(nn.Module):
@@ -36,6 +64,7 @@ class PartialRegionReconstructionLoss(nn.Module):
         region_slices: three slices locating the region in the crop.
     """
 
+    @computed_in_float32
     def forward(self, reconstruction, target, patch_mask, region_slices) -> torch.Tensor:
         patch_size = target.shape[2] // patch_mask.shape[1]
         mask = masked_voxels_in_region(patch_mask, region_slices, patch_size)  # B×1×R
@@ -48,6 +77,7 @@ class PartialRegionReconstructionLoss(nn.Module):
 class MaskNumberLoss(nn.Module):
     """Cross-entropy of the 9-way number logits ``B×N×9`` against the counts ``B×N`` (0..8), mean over B·N."""
 
+    @computed_in_float32
     def forward(self, number_logits: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(number_logits.reshape(-1, number_logits.shape[-1]), count.reshape(-1).long())
 
@@ -55,6 +85,7 @@ class MaskNumberLoss(nn.Module):
 class MaskLocationLoss(nn.Module):
     """Binary cross-entropy of the location logits ``B×N×8`` against the 0/1 locations ``B×N×8``, mean."""
 
+    @computed_in_float32
     def forward(self, location_logits: torch.Tensor, location: torch.Tensor) -> torch.Tensor:
         return F.binary_cross_entropy_with_logits(location_logits, location.to(location_logits.dtype))
 
@@ -68,6 +99,7 @@ class MaskConsistencyLoss(nn.Module):
     compares two *soft* counts, so it carries gradient into both heads (the authors' code detached both sides).
     """
 
+    @computed_in_float32
     def forward(self, number_logits: torch.Tensor, location_logits: torch.Tensor) -> torch.Tensor:
         location_prob = torch.sigmoid(location_logits)  # B×N×8
         hard_count = (location_prob > 0.5).sum(-1)  # B×N
@@ -97,6 +129,7 @@ class DropoutContrastiveLoss(nn.Module):
             raise ValueError(f"temperature must be positive, got {temperature}.")
         self.temperature = float(temperature)
 
+    @computed_in_float32
     def forward(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
         if z1.shape != z2.shape:
             raise ValueError(f"the two views must have the same shape, got {tuple(z1.shape)} and {tuple(z2.shape)}.")
@@ -162,7 +195,9 @@ class HybridMIMLoss(nn.Module):
         }
         embeddings = outputs.get("embeddings")
         terms["contrastive"] = (
-            self.contrastive(*embeddings) if embeddings is not None else number_logits.new_zeros(())
+            self.contrastive(*embeddings)
+            if embeddings is not None
+            else number_logits.new_zeros((), dtype=torch.float32)
         )
         total = sum(self.weights[name] * value for name, value in terms.items())
         self.last_terms = {"loss": total.detach(), **{name: value.detach() for name, value in terms.items()}}

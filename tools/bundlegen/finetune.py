@@ -212,7 +212,8 @@ CHECKPOINTS = "hybridmim_components.checkpoints"
 # one progress bar (with the loss) for both bundle families, listed in train#handlers
 PROGRESS_BAR = {"_target_": "hybridmim_components.progress.TrainProgressBar"}
 FULL_CHECKPOINT = {"model": "@network", "optimizer": "@optimizer", "lr_scheduler": "@lr_scheduler",
-                   "trainer": "@train#trainer", "best_validation": "@train#best_validation"}
+                   "trainer": "@train#trainer", "best_validation": "@train#best_validation",
+                   "grad_scaler": "@train#grad_scaler"}
 
 
 def bundle_name(backbone: str, task: str) -> str:
@@ -435,7 +436,8 @@ def train_config(backbone: str, task: str) -> dict:
     roi = [t["roi"]] * 3
     cfg: dict = {
         "imports": ["$import os", "$import torch", "$import hybridmim_components",
-                    "$import hybridmim_components.data", "$import hybridmim_components.finetune_workflow"],
+                    "$import hybridmim_components.data", "$import hybridmim_components.finetune_workflow",
+                    "$import hybridmim_components.mixed_precision"],
         **location_keys(t["dataset_dir"]),
         "pretrained_path": f"$@bundle_root + '/../{pretrain_bundle(backbone, task)}/models/model.pt'",
         "label_fraction": 1.0,
@@ -447,6 +449,8 @@ def train_config(backbone: str, task: str) -> dict:
         # stop after this many iterations in a row with a NaN/inf loss (their optimizer steps are skipped)
         "max_nonfinite_steps": 20,
         "amp": True,
+        # autocast dtype with amp on (MONAI's default float16; bfloat16 on Ampere and newer needs no loss scaling)
+        "amp_dtype": "float16",
         "roi_size": roi,
         "pixdim": t["pixdim"],
     }
@@ -526,6 +530,7 @@ def train_config(backbone: str, task: str) -> dict:
             "inferer": "@train#inferer",
             "train_handlers": "@train#handlers",
             "amp": "$hybridmim_components.config_flag(@amp, 'amp')",
+            "amp_kwargs": "$hybridmim_components.mixed_precision.amp_kwargs(@amp_dtype)",
         },
         # full checkpoint (network, optimiser, scheduler, trainer state, best validation) for `resume`; it
         # references the trainer, so it is attached in `initialize` rather than listed in train#handlers
@@ -585,6 +590,7 @@ def train_config(backbone: str, task: str) -> dict:
             "additional_metrics": "@validate#additional_metrics",
             "val_handlers": "@validate#handlers",
             "amp": "$hybridmim_components.config_flag(@amp, 'amp')",
+            "amp_kwargs": "$hybridmim_components.mixed_precision.amp_kwargs(@amp_dtype)",
         },
     }
     # best val_mean_dice so far and the best-model saver's record, kept in the full checkpoint so that a resumed
@@ -595,6 +601,9 @@ def train_config(backbone: str, task: str) -> dict:
         "savers": [f"@validate#handlers#{i}" for i, h in enumerate(cfg["validate"]["handlers"])
                    if h["_target_"] == "CheckpointSaver"],
     }
+    # the AMP loss scale (trainer.scaler, created by trainer.run() when amp is on), kept in the full checkpoint so
+    # that a resumed run does not calibrate it again
+    cfg["train"]["grad_scaler"] = {"_target_": f"{CHECKPOINTS}.GradScalerState", "trainer": "@train#trainer"}
     # skips the optimizer step of a NaN/inf loss, logs it, stops after max_nonfinite_steps in a row (attached in
     # `initialize`: it references the trainer's optimizer)
     cfg["train"]["nonfinite_guard"] = {"_target_": "hybridmim_components.nonfinite.NonFiniteLossGuard",
@@ -707,9 +716,11 @@ def inference_config(backbone: str, task: str) -> dict:
     t, b = TASKS[task], BACKBONES[backbone]
     cfg: dict = {
         "imports": ["$import os", "$import torch", "$import hybridmim_components",
-                    "$import hybridmim_components.data", "$import hybridmim_components.finetune_workflow"],
+                    "$import hybridmim_components.data", "$import hybridmim_components.finetune_workflow",
+                    "$import hybridmim_components.mixed_precision"],
         **location_keys(t["dataset_dir"]),
         "amp": True,
+        "amp_dtype": "float16",
         "roi_size": [t["roi"]] * 3,
         "pixdim": t["pixdim"],
     }
@@ -750,6 +761,7 @@ def inference_config(backbone: str, task: str) -> dict:
                 "postprocessing": "@postprocessing",
                 "val_handlers": "@handlers",
                 "amp": "$hybridmim_components.config_flag(@amp, 'amp')",
+                "amp_kwargs": "$hybridmim_components.mixed_precision.amp_kwargs(@amp_dtype)",
             },
             "checkpointloader": {
                 "_target_": "CheckpointLoader",
@@ -950,6 +962,7 @@ Build the datalist (an MSD-form JSON with `training`, `validation` and `testing`
 | crop | {roi}^3, batch 1 volume x {t['num_samples']} crops | `--roi_size`, `--num_samples` |
 | validation | every {t['val_interval']} epochs, sliding window ({roi}^3, overlap 0.5), mean Dice{' over TC/WT/ET' if t['sigmoid'] else ' without background'} and Dice per class | `--val_interval` |
 | mixed precision | on (CUDA) | `--amp false` |
+| autocast dtype | float16 | `--amp_dtype bfloat16` |
 | width | {width} | `--{b['width_key']}` |
 | caching | `cache_rate` {t['cache_rate']} | `--cache_rate` |
 

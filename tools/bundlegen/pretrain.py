@@ -111,6 +111,7 @@ def _head(spec: Spec) -> dict:
             "$import os",
             "$import torch",
             "$import hybridmim_components",
+            "$import hybridmim_components.mixed_precision",
             f"$import {MIM} as mim",
             f"$import {METRICS}",
             f"$import {CHECKPOINTS}",
@@ -180,12 +181,15 @@ def _train_config(spec: Spec) -> dict:
         "lr_scheduler": "@lr_scheduler",
         "trainer": "@train#trainer",
         "best_validation": "@train#best_validation",
+        "grad_scaler": "@train#grad_scaler",
     }
     val_handlers = _validation_handlers()
     best_savers = [f"@validate#handlers#{i}" for i, h in enumerate(val_handlers) if h["_target_"] == "CheckpointSaver"]
     return {
         **_head(spec),
         "amp": True,
+        # autocast dtype with amp on (MONAI's default float16; bfloat16 on Ampere and newer needs no loss scaling)
+        "amp_dtype": "float16",
         "resume": False,
         # read every file of the datalist once before caching (stops on a truncated/corrupt file, wrong channels,
         # NaN/inf voxels); false skips the scan of a huge pool
@@ -271,6 +275,7 @@ def _train_config(spec: Spec) -> dict:
                 "prepare_batch": "@prepare_batch",
                 "train_handlers": "@train#handlers",
                 "amp": "$hybridmim_components.config_flag(@amp, 'amp') and torch.cuda.is_available()",
+                "amp_kwargs": "$hybridmim_components.mixed_precision.amp_kwargs(@amp_dtype)",
                 "decollate": False,
             },
             # full training checkpoints (for resume); they reference the trainer, so they are attached in
@@ -292,6 +297,9 @@ def _train_config(spec: Spec) -> dict:
                 "evaluator": "@validate#evaluator",
                 "savers": best_savers,
             },
+            # the AMP loss scale (trainer.scaler, created by trainer.run() when amp is on), kept in the full
+            # checkpoint so that a resumed run does not calibrate it again
+            "grad_scaler": {"_target_": f"{CHECKPOINTS}.GradScalerState", "trainer": "@train#trainer"},
             "checkpoint_loader": {
                 "_target_": f"{CHECKPOINTS}.ResumeFromLatestCheckpoint",
                 "ckpt_dir": "@ckpt_dir",
@@ -354,6 +362,7 @@ def _train_config(spec: Spec) -> dict:
                 "metric_cmp_fn": f"${METRICS}.lower_is_better",
                 "val_handlers": "@validate#handlers",
                 "amp": "$hybridmim_components.config_flag(@amp, 'amp') and torch.cuda.is_available()",
+                "amp_kwargs": "$hybridmim_components.mixed_precision.amp_kwargs(@amp_dtype)",
                 "decollate": False,
             },
         },
@@ -703,6 +712,7 @@ masked (the mask is carried explicitly).
 | `steps_per_epoch` × `train#trainer#max_epochs` | {STEPS_PER_EPOCH} × {TOTAL_STEPS // STEPS_PER_EPOCH} | {TOTAL_STEPS:,} steps |
 | `val_interval` | 5 | validate every 5 epochs ({5 * STEPS_PER_EPOCH} steps) |
 | `amp` | true | mixed precision (CUDA only) |
+| `amp_dtype` | float16 | autocast dtype with `amp`: `float16` or `bfloat16` (losses are computed in float32) |
 | `cache_rate`, `cache_num` | 1.0, {CACHE_NUM} | volumes cached in memory after preprocessing: that share, at most `cache_num` per process (see Memory) |
 | `check_data` | true | read every file of `training`/`validation` once before caching; stop naming every unusable one |
 | `max_nonfinite_steps` | 20 | iterations in a row with a NaN/inf loss (their steps are skipped) after which the run stops |
