@@ -128,3 +128,105 @@ def test_check_crop_fails_fast_with_the_sizes_named():
         net.check_crop(96, patch_size=8)
     with pytest.raises(ValueError, match="larger than the crop"):
         net.check_crop(32)
+
+
+class _FrozenInstanceNorm(torch.nn.Module):
+    """An ``InstanceNorm3d`` that normalises with the statistics of its previous call when ``frozen``.
+
+    Instance norm takes its statistics over the whole feature map, so a decoder stage run on the region alone
+    normalises differently from the same stage run on the whole crop and no voxel could match exactly. Recording the
+    statistics in the full pass and replaying them in the partial pass leaves only local operations (convolutions,
+    per-voxel activations and affine maps) and keeps the activations at their real scale (an identity instead would
+    let the deep decoder paths fade to ~1e-7 and hide a misplaced coarse stage).
+    """
+
+    def __init__(self, norm: torch.nn.InstanceNorm3d) -> None:
+        super().__init__()
+        self.norm, self.frozen, self.stats = norm, False, None
+
+    def forward(self, x):
+        if not self.frozen:
+            self.stats = (x.mean((2, 3, 4), keepdim=True), x.var((2, 3, 4), unbiased=False, keepdim=True))
+        mean, var = self.stats
+        y = (x - mean) / torch.sqrt(var + self.norm.eps)
+        if self.norm.affine:  # BasicUNet's norms are affine, SwinUNETR's are not
+            y = y * self.norm.weight.view(1, -1, 1, 1, 1) + self.norm.bias.view(1, -1, 1, 1, 1)
+        return y
+
+
+def _with_frozen_instance_norm(net):
+    """Wrap every InstanceNorm3d of ``net`` (in place); returns the wrappers."""
+    wrappers = []
+    for module in list(net.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, torch.nn.InstanceNorm3d):
+                wrappers.append(_FrozenInstanceNorm(child))
+                setattr(module, name, wrappers[-1])
+    assert wrappers
+    return wrappers
+
+
+def _distance_to_cropped_border(region, crop):
+    """``Rd×Rh×Rw`` int: each region voxel's distance (in voxels) to the nearest region side lying inside the crop
+    (a side on the crop's own border is no border: both passes see the same zero padding there)."""
+    distance = torch.full(tuple(region), 10**6)
+    for axis, (r, c) in enumerate(zip(region, crop)):
+        if r < c:
+            i = torch.arange(r)
+            shape = [1, 1, 1]
+            shape[axis] = r
+            distance = torch.minimum(distance, torch.minimum(i, r - 1 - i).view(shape))
+    return distance
+
+
+# Margin (voxels from the region's border) beyond which the partial decoder must reproduce the full one exactly.
+# Stages that run on the whole grid (the encoder, upcat_4 / decoder5) are exact; a k2s2 transposed convolution has no
+# overlap, so it keeps the error band of its input; each zero-padded 3×3×3 convolution run on a cropped map widens it
+# by one cell of its stride; a 1×1×1 convolution keeps it.
+#   UNet: upcat_3 (stride 4) adds 2 convs: 2·4 = 8; upcat_2: 8 + 2·2 = 12; upcat_1: 12 + 2·1 = 14.
+#   Swin: each up block concatenates a skip block (UnetResBlock, 2 convs, on the cropped hs) -> 2 cells, then runs its
+#   own UnetResBlock -> 2 more: stride 8: max(0, 16) + 16 = 32; stride 4: max(32, 8) + 8 = 40;
+#   stride 2: max(40, 4) + 4 = 44; stride 1: max(44, 2) + 2 = 46.
+REGION_MARGIN = {"unet": 14, "swin": 46}
+
+
+@pytest.mark.parametrize(
+    "backbone,crop,region,start",
+    [
+        # UNet, all three axes cropped: centres 16, 8 and 24 are on the stride-8 grid already
+        ("unet", (96, 64, 128), (64, 48, 80), (16, 8, 24)),
+        # Swin needs regions wider than 2·46 voxels for an interior; one cropped axis at a time keeps it cheap (the
+        # region spans the crop along the others, where both passes see the same zero padding)
+        ("swin", (160, 32, 32), (112, 32, 32), (32, 0, 0)),  # centre 24 snaps to 32 (nearest multiple of 16)
+        ("swin", (32, 32, 128), (32, 32, 96), (0, 0, 16)),
+    ],
+)
+def test_partial_region_matches_the_full_reconstruction_away_from_its_border(backbone, crop, region, start):
+    """The region's reconstruction is the matching window of the full reconstruction, off by no stride.
+
+    Voxels farther than ``REGION_MARGIN`` from a cropped side of the region must agree to float rounding; a region
+    placed (or a feature map cropped) one decoder stride off compares unrelated voxels and fails.
+    """
+    torch.manual_seed(0)
+    net = tiny(backbone, region=region).eval()
+    x = torch.rand(1, 1, *crop)
+    with torch.no_grad():
+        plain = net.backbone(x)
+        norms = _with_frozen_instance_norm(net)
+        full = net.backbone(x)  # region = crop: the plain backbone (test_full_region_is_the_plain_backbone)
+        torch.testing.assert_close(full, plain)  # recording the statistics changes nothing
+        for norm in norms:
+            norm.frozen = True  # the partial pass normalises every stage with the full pass's statistics
+        out = net(x)
+    expected = tuple(slice(s, s + r) for s, r in zip(start, region))
+    assert out["region_slices"] == expected
+    margin = REGION_MARGIN[backbone]
+    assert all(r > 2 * margin for r, c in zip(region, crop) if r < c)  # an interior on every cropped axis
+    window = full[0, 0][expected]
+    diff = (out["reconstruction"][0, 0] - window).abs()
+    distance = _distance_to_cropped_border(region, crop)
+    interior = distance >= margin
+    torch.testing.assert_close(out["reconstruction"][0, 0][interior], window[interior], rtol=1e-5, atol=1e-5)
+    # the margin is tight: one voxel closer to the border the cropped features show (a decoder that ran its finer
+    # stages on the whole crop and cropped only its output would show nothing there)
+    assert float(diff[distance == margin - 1].max()) > 1e-4
