@@ -195,3 +195,37 @@ def test_bad_arguments():
         DropoutContrastiveLoss(0.0)
     with pytest.raises(ValueError, match="same shape"):
         DropoutContrastiveLoss()(torch.randn(2, 3), torch.randn(3, 3))
+
+
+def test_consistency_soft_count_term_alone_has_the_hand_gradient_in_both_heads():
+    """The MSE between the two soft counts, with the CE term subtracted, against hand values and gradients.
+
+    Two sub-volumes with round numbers: sigmoid(±log 3) = 0.75 / 0.25, and number logits log(w) (softmax = w/Σw).
+    sub-volume 0: location all 0.75 -> soft count S = 6, hard count 8; uniform number head -> E = 4.
+    sub-volume 1: four 0.75 and four 0.25 -> S = 4, hard count 4; w = 8 on count 2, 1 elsewhere -> p_2 = 1/2,
+    p_n = 1/16 otherwise, E = 2/2 + (0+1+3+4+5+6+7+8)/16 = 3.125.
+    MSE = ((6 − 4)² + (4 − 3.125)²) / 2; per sub-volume dMSE/dloc_k = 2 (S − E) σ(1 − σ) / 2 and
+    dMSE/dz_n = −2 (S − E) p_n (n − E) / 2.
+    """
+    log3 = math.log(3.0)
+    location = torch.tensor([[[log3] * 8, [log3] * 4 + [-log3] * 4]], requires_grad=True)  # 1×2×8
+    weights = torch.ones(2, 9)
+    weights[1, 2] = 8.0
+    number = weights.log().unsqueeze(0).requires_grad_(True)  # 1×2×9
+    value = MaskConsistencyLoss()(number, location)
+    # the CE term, written out with the hard counts 8 and 4, subtracted with its graph
+    ce = -(torch.log_softmax(number[0, 0], 0)[8] + torch.log_softmax(number[0, 1], 0)[4]) / 2
+    soft_term = value - ce
+    soft, expected = (6.0, 4.0), (4.0, 3.125)
+    mse = ((6.0 - 4.0) ** 2 + (4.0 - 3.125) ** 2) / 2
+    assert math.isclose(float(soft_term), mse, rel_tol=1e-5)
+    soft_term.backward()
+    # location: d/dl_k (S − E)² / 2 = (S − E) σ'(l_k), σ' = 0.75 · 0.25 = 3/16 for both ±log 3
+    loc_grad = torch.tensor([[[(soft[j] - expected[j]) * 3 / 16] * 8 for j in range(2)]])
+    torch.testing.assert_close(location.grad, loc_grad, rtol=1e-5, atol=1e-7)
+    # number: dE/dz_n = p_n (n − E), so d/dz_n (S − E)² / 2 = −(S − E) p_n (n − E)
+    probs = [[1 / 9] * 9, [1 / 16, 1 / 16, 1 / 2] + [1 / 16] * 6]
+    num_grad = torch.tensor([[[-(soft[j] - expected[j]) * probs[j][n] * (n - expected[j]) for n in range(9)]
+                              for j in range(2)]])
+    torch.testing.assert_close(number.grad, num_grad, rtol=1e-5, atol=1e-7)
+    assert location.grad.abs().min() > 0 and number.grad.abs().sum() > 0  # the term reaches both heads
