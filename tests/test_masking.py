@@ -1,5 +1,6 @@
 """Two-level masking: exact counts, spatial grouping against a hand loop, explicit mask, reproducibility, errors."""
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -105,3 +106,57 @@ def test_masked_voxels_in_region_by_hand():
     expected = torch.zeros(16, 16, 24, dtype=torch.bool)
     expected[0:8, 8:16, 16:24] = True
     assert torch.equal(voxels[0, 0], expected)
+
+
+def test_zero_padding_is_not_masking_in_the_loss_and_the_metric():
+    """A zero-padded crop: the padded voxels that no patch masks must not count, whatever their reconstruction.
+
+    An image 16 voxels deep padded to 64 (SpatialPadd, symmetric: depths 0..23 and 40..63 are zeros) and masked
+    with mask value 0: inside the region (depths 16..47) the unmasked padding is as 0 in the network's input as the
+    masked voxels are, so code that found masked voxels by value == 0 would score the padding too.
+    """
+    from monai.transforms import SpatialPadd
+
+    from hybridmim_components import HybridMIMLoss
+    from hybridmim_components.pretext_metrics import MaskedReconstructionMSE
+
+    image = torch.rand(1, 16, 64, 64) + 1.0  # strictly positive content: only padding and masking are 0
+    data = Compose([SpatialPadd("image", (64, 64, 64)), HierarchicalMaskd("image", mask_ratio=0.4)])
+    data.set_random_state(0)
+    sample = data({"image": image})
+    batch = {k: torch.as_tensor(sample[k]).unsqueeze(0) for k in ("image", "mim_target", "mim_patch_mask",
+                                                                  "mim_count", "mim_location")}
+    region = (slice(16, 48),) * 3
+    padded = torch.zeros(32, 32, 32, dtype=torch.bool)
+    padded[:8] = padded[24:] = True  # crop depths 16..23 and 40..47
+    masked = masked_voxels_in_region(batch["mim_patch_mask"], region, 16)[0, 0]
+    padded_visible = padded & ~masked
+    masked_content = masked & ~padded
+    # the scenario: padding that is 0 in the input without being masked, and masked content, both in the region
+    assert padded_visible.any() and masked_content.any()
+    inputs = batch["image"][0, 0][region]
+    assert torch.all(inputs[padded_visible] == 0) and torch.all(inputs[masked] == 0)
+    assert torch.all(inputs[~padded & ~masked] > 0)
+
+    def scores(reconstruction):
+        pred = {"reconstruction": reconstruction, "region_slices": region, "embeddings": None,
+                "number_logits": torch.zeros(1, 8, 9), "location_logits": torch.zeros(1, 8, 8)}
+        loss = HybridMIMLoss()
+        loss(pred, batch)
+        metric = MaskedReconstructionMSE()
+        metric.update((pred, batch))
+        return float(loss.last_terms["reconstruction"]), metric.compute()
+
+    torch.manual_seed(0)
+    reconstruction = torch.rand(1, 1, 32, 32, 32)
+    loss, mse = scores(reconstruction)
+    target = batch["mim_target"][0, 0][region]
+    by_hand = float(((reconstruction[0, 0] - target)[masked] ** 2).mean())
+    assert math.isclose(loss, by_hand, rel_tol=1e-5) and math.isclose(mse, by_hand, rel_tol=1e-5)
+    wrong_padding = reconstruction.clone()
+    wrong_padding[0, 0][padded_visible] += 5.0  # far from the padding's 0: would dominate if counted
+    assert scores(wrong_padding) == (loss, mse)
+    wrong_masked = reconstruction.clone()
+    wrong_masked[0, 0][tuple(masked_content.nonzero()[0].tolist())] += 5.0  # one masked voxel of image content
+    changed_loss, changed_mse = scores(wrong_masked)
+    assert changed_loss > loss and changed_mse > mse
