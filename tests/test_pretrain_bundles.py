@@ -379,3 +379,37 @@ def test_pretrain_multi_gpu_seed_differs_per_rank(name, monkeypatch):
 
     assert not torch.equal(draws(0), draws(1))
     assert torch.equal(draws(1), draws(1))
+
+
+def _logged_term_per_iteration(log: str, term: str) -> dict[int, float]:
+    """``{iteration: value}`` of one loss term from the StatsHandler lines ``Epoch: e/E, Iter: i/n -- ... term: v``
+    (a line may follow a progress-bar fragment on the same console line)."""
+    import re
+
+    pattern = re.compile(r"Iter: (\d+)/\d+ -- [^\n]*?\b" + re.escape(term) + r": (\S+)")
+    return {int(i): float(v) for i, v in pattern.findall(log)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("batch_size,samples_per_volume", [(1, 2), (1, 1)])
+def test_pretrain_contrastive_term_is_positive_with_two_crops_per_step(demo_data, tmp_path, batch_size,
+                                                                         samples_per_volume):
+    """Two crops per step (here two samples of one volume): the logged contrastive term is > 0 at every iteration.
+
+    One crop per step: the term is exactly 0 (one positive, no negatives) and the start-up warning says so.
+    """
+    name = "hybridmim_unet_pretrain"
+    overrides = [*_data_overrides(demo_data, "ct"), *WIDTH["unet"], *SHAPE, *TRAIN_SMALL,
+                 "--batch_size", str(batch_size), "--samples_per_volume", str(samples_per_volume),
+                 "--val_interval", "1000",  # no validation: only the training log matters here
+                 "--ckpt_dir", str(tmp_path / "models"), "--output_dir", str(tmp_path / "eval")]
+    log = _bundle_run(name, ["configs/train.json"], overrides, "train")
+    contrastive = _logged_term_per_iteration(log, "train_contrastive")
+    assert sorted(contrastive) == [1, 2], f"expected iterations 1 and 2 in the log, got {contrastive}"
+    warnings = [line for line in log.splitlines() if "one positive and no negatives" in line]
+    if batch_size * samples_per_volume >= 2:
+        assert all(value > 0 for value in contrastive.values()), contrastive
+        assert not warnings
+    else:
+        assert all(value == 0 for value in contrastive.values()), contrastive
+        assert len(warnings) == 1 and " - WARNING - contrastive_weight=0.1 but each step has 1 crop" in warnings[0]
