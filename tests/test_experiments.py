@@ -76,6 +76,15 @@ def test_step_times_are_intervals_between_consecutive_iteration_lines_of_one_epo
     assert runner.step_times(lines) == pytest.approx([0.5, 1.25, 0.7])
 
 
+def test_median_step_time_leaves_out_the_first_warm_up_interval(tmp_path):
+    log = tmp_path / "run.log"
+    stamps = ["00:00:00,000", "00:00:05,000", "00:00:05,500", "00:00:06,200", "00:00:06,800"]  # 5.0, 0.5, 0.7, 0.6
+    log.write_text("".join(f"2026-01-01 {t} - INFO - Epoch: 1/1, Iter: {i + 1}/5 --\n" for i, t in enumerate(stamps)))
+    assert runner.median_step_time(str(log)) == pytest.approx(0.6)  # median of 0.5, 0.7, 0.6
+    log.write_text("".join(f"2026-01-01 {t} - INFO - Epoch: 1/1, Iter: {i + 1}/2 --\n" for i, t in enumerate(stamps[:2])))
+    assert runner.median_step_time(str(log)) == pytest.approx(5.0)  # one interval: all there is
+
+
 # -------------------------------------------------------------------------------------------------- presets
 def test_small_label_efficiency_uses_the_demo_preset_equal_steps_and_labels_data_as_synthetic(tmp_path):
     args = label_efficiency.parse_args(["--small", "--out_dir", str(tmp_path)])

@@ -80,7 +80,8 @@ def base_parser(name: str, description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"python -m tools.experiments.{name}", description=description)
     p.add_argument("--small", action="store_true",
                    help="CPU smoke preset on generated synthetic data (minutes on 2 cores); not the paper's result")
-    p.add_argument("--out_dir", default=os.path.join("experiments", name), help="results, runs and logs")
+    p.add_argument("--out_dir", default=os.path.join("runs", name),
+                   help="results, runs and logs (default runs/<experiment>; /runs/ is git-ignored)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda; --small: cpu)")
     p.add_argument("--seeds", type=int, nargs="+", help="finetuning seeds")
     p.add_argument("--dataset_dir", help="labelled data for finetuning (default: the finetune bundle's; --small: "
@@ -279,8 +280,10 @@ def step_times(lines: Sequence[str]) -> list[float]:
 
 
 def median_step_time(log_path: str) -> float:
+    """Median of :func:`step_times` of a log, leaving out the first interval (warm-up) when there are others."""
     with open(log_path, encoding="utf-8", errors="replace") as f:
         times = step_times(f.read().splitlines())
+    times = times[1:] if len(times) > 1 else times
     return statistics.median(times) if times else float("nan")
 
 
