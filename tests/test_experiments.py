@@ -81,7 +81,8 @@ def test_median_step_time_leaves_out_the_first_warm_up_interval(tmp_path):
     stamps = ["00:00:00,000", "00:00:05,000", "00:00:05,500", "00:00:06,200", "00:00:06,800"]  # 5.0, 0.5, 0.7, 0.6
     log.write_text("".join(f"2026-01-01 {t} - INFO - Epoch: 1/1, Iter: {i + 1}/5 --\n" for i, t in enumerate(stamps)))
     assert runner.median_step_time(str(log)) == pytest.approx(0.6)  # median of 0.5, 0.7, 0.6
-    log.write_text("".join(f"2026-01-01 {t} - INFO - Epoch: 1/1, Iter: {i + 1}/2 --\n" for i, t in enumerate(stamps[:2])))
+    log.write_text("".join(f"2026-01-01 {t} - INFO - Epoch: 1/1, Iter: {i + 1}/2 --\n"
+                           for i, t in enumerate(stamps[:2])))
     assert runner.median_step_time(str(log)) == pytest.approx(5.0)  # one interval: all there is
 
 

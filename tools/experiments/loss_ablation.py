@@ -111,7 +111,8 @@ def report(args, rows: list[dict], label: str, data_note: str) -> int:
     csv_path = tables.write_csv(os.path.join(out, f"{NAME}.csv"), summary, SUMMARY_COLUMNS)
     scratch = next((r["dice_mean"] for r in summary if r["row"] == "scratch"), None)
     header = ["pretraining losses", "weights (rec, num, loc, cons, cl)", "Dice", "vs scratch"]
-    body = [[r["losses"], ", ".join(f"{r[f'{t}_weight']:g}" for t in TERMS), tables.mean_std(r["dice_mean"], r["dice_std"]),
+    body = [[r["losses"], ", ".join(f"{r[f'{t}_weight']:g}" for t in TERMS),
+             tables.mean_std(r["dice_mean"], r["dice_std"]),
              "" if scratch is None or r["row"] == "scratch" else f"{r['dice_mean'] - scratch:+.3f}"] for r in summary]
     table = tables.markdown_table(header, body)
     notes = (f"Pretraining `{args.pretrain_bundle}` ({max((r['pretrain_steps'] for r in rows), default='?')} steps per "

@@ -6,8 +6,9 @@ setting shared by several axes is pretrained once. Every setting is pretrained, 
 one finetune from scratch gives the reference line.
 
 Step time: the median interval between consecutive iteration log lines of the pretraining bundle's own log
-(``StatsHandler`` timestamps, ms resolution): one full training iteration including data loading and masking (in the
-main process under ``--small``) and logging; validation and checkpoints fall between epochs and are left out. The
+(``StatsHandler`` timestamps, ms resolution; the first, warm-up interval left out): one full training iteration
+including data loading and masking (in the main process under ``--small``) and logging; validation and checkpoints
+fall between epochs and are left out. The
 paper times forward, backward and update without data loading, so the absolute numbers differ; compare settings with
 each other, on the same machine. On a shared CPU they are noisy.
 
@@ -152,8 +153,8 @@ def report(args, rows, summary_keys, scratch, label, data_note, base) -> int:
     notes = (f"Pretraining `{args.pretrain_bundle}` ({rows[0]['pretrain_steps'] if rows else '?'} steps per setting), "
              f"finetune `{args.finetune_bundle}` on all labelled cases; Dice: `val_mean_dice` on the validation list "
              "at the last validation. Step time: median interval between consecutive iteration log lines of the "
-             "pretraining bundle's own log (one full iteration incl. data loading, masking and logging; validation "
-             f"excluded); the paper times forward+backward+update only. {data_note}.")
+             "pretraining bundle's own log (one full iteration incl. data loading, masking and logging; the first "
+             f"interval and validation excluded); the paper times forward+backward+update only. {data_note}.")
     md = tables.write_markdown(os.path.join(out, f"{NAME}.md"), "Masking and region settings (paper Fig. 6)", label,
                                [*sections, notes])
     png = plot(os.path.join(out, f"{NAME}.png"), summary, f"Settings: {label}")
