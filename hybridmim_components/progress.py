@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from ignite.engine import Engine
 
 __all__ = ["TrainProgressBar", "loss_of"]
@@ -12,7 +13,8 @@ def loss_of(output) -> dict[str, float]:
     """``{"loss": float}`` from a trainer's output: a dict (``decollate=False``, the pretraining bundles) or a list of
     per-sample dicts (decollated, the finetuning bundles; every item carries the batch loss)."""
     first = output[0] if isinstance(output, (list, tuple)) else output
-    return {"loss": float(first["loss"])}
+    loss = first["loss"]
+    return {"loss": float(loss.detach() if isinstance(loss, torch.Tensor) else loss)}  # detach: no grad warning
 
 
 class TrainProgressBar:

@@ -283,3 +283,15 @@ def test_progress_bar_shows_the_loss(output, capsys):
     TrainProgressBar(persist=True).attach(engine)
     engine.run([0, 1], max_epochs=1)
     assert "loss=0.25" in capsys.readouterr().err
+
+
+def test_progress_bar_reads_the_loss_without_a_grad_warning():
+    import warnings
+
+    from hybridmim_components.progress import loss_of
+
+    loss = torch.tensor(0.5, requires_grad=True) * 2  # the trainer's output loss still carries its graph
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns when a tensor that requires grad is turned into a float
+        assert loss_of({"loss": loss}) == {"loss": 1.0}
+        assert loss_of([{"loss": loss}, {"loss": loss}]) == {"loss": 1.0}
