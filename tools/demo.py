@@ -55,23 +55,33 @@ BTCV_NAMES = ["spleen", "right kidney", "left kidney", "gallbladder", "esophagus
 
 
 # ------------------------------------------------------------------------------------------------------- settings
+def _run_overrides(args, run_dir: str, data_list: str) -> dict:
+    """What every training run of the demo shares: data, output folders, 3 mm voxels, width, device."""
+    return {
+        "dataset_dir": args.data_dir,
+        "data_list_file_path": data_list,
+        "ckpt_dir": os.path.join(run_dir, "models"),
+        "output_dir": os.path.join(run_dir, "eval"),
+        "pixdim": [3.0, 3.0, 3.0],
+        "features": args.features,
+        "train#dataloader#num_workers": 0,  # 2 cores: worker processes would only compete with the step
+        "validate#dataloader#num_workers": 0,
+        **device_overrides(args.device),
+    }
+
+
 def pretrain_overrides(args, run_dir: str) -> dict:
     steps_per_epoch = max(1, args.pretrain_steps // args.pretrain_validations)
     validation = validation_handler_index(PRETRAIN)
     return {
-        "dataset_dir": args.data_dir,
-        "data_list_file_path": "datalist_pool.json",
-        "ckpt_dir": os.path.join(run_dir, "models"),
-        "output_dir": os.path.join(run_dir, "eval"),
+        **_run_overrides(args, run_dir, "datalist_pool.json"),
         "seed": args.seed,
-        "pixdim": [3.0, 3.0, 3.0],
         "roi_size": [64, 64, 32],
         "region_size": [48, 48, 16],
         "sub_volume_size": 16,
         "patch_size": 8,
-        "features": args.features,
-        "batch_size": 2,
-        "samples_per_volume": 4,
+        "batch_size": 1,
+        "samples_per_volume": 4,  # 4 crops a step: the contrastive term has 3 negatives per crop
         "learning_rate": args.pretrain_lr,
         "warmup_steps": max(1, args.pretrain_steps // 20),
         "steps_per_epoch": steps_per_epoch,
@@ -81,9 +91,6 @@ def pretrain_overrides(args, run_dir: str) -> dict:
         # validate on 8 fixed random crops of the held-out CT instead of one centre crop (reseeded every validation)
         "validate#random_transforms#0": {"_target_": "RandSpatialCropSamplesd", "keys": "image",
                                          "roi_size": "@roi_size", "num_samples": 8, "random_size": False},
-        "train#dataloader#num_workers": 0,
-        "validate#dataloader#num_workers": 0,
-        **device_overrides(args.device),
         **dict(args.pretrain_override),
     }
 
@@ -92,23 +99,15 @@ def finetune_overrides(args, run_dir: str, pretrained: str | None) -> dict:
     validation = validation_handler_index(FINETUNE[args.task])
     val_every = max(1, args.finetune_steps // 4)
     return {
-        "dataset_dir": args.data_dir,
-        "data_list_file_path": f"datalist_{args.task}.json",
-        "ckpt_dir": os.path.join(run_dir, "models"),
-        "output_dir": os.path.join(run_dir, "eval"),
+        **_run_overrides(args, run_dir, f"datalist_{args.task}.json"),
         "pretrained_path": pretrained or "",
-        "pixdim": [3.0, 3.0, 3.0],
         "roi_size": [64, 64, 32],
-        "features": args.features,
         "num_samples": 4,
         "learning_rate": args.finetune_lr,
         "warmup_epochs": max(1, args.finetune_steps // 20),
         "train#trainer#max_epochs": args.finetune_steps,  # one training volume: one step per epoch
         "val_interval": val_every,
         f"train#handlers#{validation}#exec_at_start": False,
-        "train#dataloader#num_workers": 0,
-        "validate#dataloader#num_workers": 0,
-        **device_overrides(args.device),
     }
 
 
@@ -217,7 +216,7 @@ def parse_args(argv=None):
     parser.add_argument("--task", choices=sorted(FINETUNE), default="spleen", help="finetune bundle: MSD spleen or BTCV")
     parser.add_argument("--features", type=json.loads, default=[16, 16, 32, 64, 128, 16],
                         help="UNet widths (the bundles' default is [32,32,64,128,256,32])")
-    parser.add_argument("--pretrain_steps", type=int, default=300)
+    parser.add_argument("--pretrain_steps", type=int, default=400)
     parser.add_argument("--pretrain_validations", type=int, default=5, help="validations during pretraining")
     parser.add_argument("--pretrain_lr", type=float, default=1e-3)
     parser.add_argument("--finetune_steps", type=int, default=200)
@@ -309,7 +308,7 @@ def main(argv=None) -> int:
         dice_md.append(f"| from HybridMIM weights | {mean_dice[arm]:.3f} | {per} |" if arm == "pretrained"
                        else f"| from scratch | {mean_dice[arm]:.3f} | {per} |")
     setting = (f"CPU demo on one real CT (TotalSegmentator test data): UNet features {args.features}, 3 mm voxels; "
-               f"pretraining {total} steps of 2 volumes x 4 crops 64x64x32 (sub-volume 16, patch 8, region 48x48x16); "
+               f"pretraining {total} steps of 4 crops 64x64x32 (sub-volume 16, patch 8, region 48x48x16); "
                f"finetuning {args.finetune_steps} steps of 4 crops 64x64x32, task {args.task}; device {args.device}. "
                "Not the paper's experiment.")
     minutes = {k: round(v / 60, 2) for k, v in times.items()}
