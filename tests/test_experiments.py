@@ -240,6 +240,13 @@ def test_label_efficiency_end_to_end_is_reproducible_and_resumes(tmp_path, capsy
     assert [r["arm"] for r in results[0]] == ["pretrained", "scratch"]
     assert [r["train_cases"] for r in results[0]] == ["2", "2"]  # 40 % of 5 synthetic training cases
     assert [r["dice"] for r in results[0]] == [r["dice"] for r in results[1]]  # same seed, same numbers
+    from tools.bundle_runner import read_scalars
+
+    # and the same losses, step by step (a Dice of 0 in both would prove little on its own)
+    for run, tag in (("pretrain", "train_loss"), ("pretrain", "val_recon_mse"),
+                     ("finetune_pretrained_f0.4_s3", "train_loss"), ("finetune_scratch_f0.4_s3", "train_loss")):
+        a, b = (read_scalars(str(tmp_path / name / "runs" / run / "eval"))[tag] for name in ("a", "b"))
+        assert a == b and len(a) >= 1
     assert all(0.0 <= float(r["dice"]) <= 1.0 for r in results[0])
     assert_png(str(tmp_path / "a" / "label_efficiency.png"))
     md = (tmp_path / "a" / "label_efficiency.md").read_text()
