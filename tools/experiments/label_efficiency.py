@@ -35,7 +35,7 @@ SUMMARY_COLUMNS = ["arm", "label_fraction", "train_cases", "n", "dice_mean", "di
 
 
 def parse_args(argv=None):
-    parser = runner.base_parser(NAME, "Label efficiency (paper Fig. 4): finetune with 20-100 %% of the labelled cases "
+    parser = runner.base_parser(NAME, "Label efficiency (paper Fig. 4): finetune with 20-100 % of the labelled cases "
                                 "from HybridMIM weights and from scratch; mean ± std Dice over seeds.")
     parser.add_argument("--fractions", type=float, nargs="+", help="label fractions in (0, 1]")
     parser.add_argument("--arms", nargs="+", choices=sorted(ARMS), default=list(ARMS), help="which finetunes")
