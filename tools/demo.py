@@ -132,18 +132,16 @@ def _axial(volume: np.ndarray, z: int) -> np.ndarray:
     return np.flipud(volume[:, :, z].T)[:, ::-1]
 
 
-def segmentation_png(path: str, ct: np.ndarray, truth: np.ndarray, preds: dict[str, np.ndarray], title: str) -> None:
+def _save_panels(path: str, panels: list, z: int, title: str) -> None:
+    """One row of axial slices ``z``: ``panels`` = ``[(name, grey volume in [0, 1], label volume or None), ...]``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    z = int(np.argmax((truth > 0).sum(axis=(0, 1))))  # the slice with the most labelled voxels
-    panels = [("CT", None), ("ground truth", truth), *preds.items()]
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.4))
-    window = np.clip((ct + 160.0) / 400.0, 0, 1)  # abdominal window W400 L40
-    for ax, (name, labels) in zip(axes, panels):
-        ax.imshow(_axial(window, z), cmap="gray", vmin=0, vmax=1)
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.6))
+    for ax, (name, grey, labels) in zip(axes, panels):
+        ax.imshow(_axial(grey, z), cmap="gray", vmin=0, vmax=1)
         if labels is not None:
             overlay = np.ma.masked_equal(_axial(labels, z), 0)
             ax.imshow(overlay, cmap="tab20", vmin=0, vmax=19, alpha=0.55, interpolation="nearest")
@@ -155,28 +153,25 @@ def segmentation_png(path: str, ct: np.ndarray, truth: np.ndarray, preds: dict[s
     plt.close(fig)
 
 
+def segmentation_png(path: str, ct: np.ndarray, truth: np.ndarray, preds: dict[str, np.ndarray], title: str) -> None:
+    """CT | ground truth | each prediction, on the slice with the most labelled voxels (abdominal window)."""
+    z = int(np.argmax((truth > 0).sum(axis=(0, 1))))
+    window = np.clip((ct + 160.0) / 400.0, 0, 1)  # W400 L40
+    panels = [("CT", window, None), ("ground truth", window, truth)]
+    _save_panels(path, panels + [(name, window, labels) for name, labels in preds.items()], z, title)
+
+
 def reconstruction_png(path: str, masked: np.ndarray, target: np.ndarray, recon: np.ndarray, offset, title: str):
-    """Middle slice of the region: masked input | reconstruction pasted into the masked crop | original."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """Middle slice of the region: masked input | reconstruction pasted into the masked voxels | original."""
     region = tuple(slice(o, o + s) for o, s in zip(offset, recon.shape))
     filled = masked.copy()
+    # for the picture only: voxels whose masked value differs from the original (masked air stays air either way)
     hole = masked[region] != target[region]
     filled[region] = np.where(hole, recon, masked[region])
     z = region[2].start + recon.shape[2] // 2
-    panels = [("masked input", masked), ("reconstruction of the masked voxels", filled), ("original", target)]
-    fig, axes = plt.subplots(1, 3, figsize=(9.6, 3.6))
-    for ax, (name, volume) in zip(axes, panels):
-        ax.imshow(_axial(volume, z), cmap="gray", vmin=0, vmax=1)
-        ax.set_title(name, fontsize=9)
-        ax.axis("off")
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    panels = [("masked input", masked, None), ("masked voxels of the central region reconstructed", filled, None),
+              ("original", target, None)]
+    _save_panels(path, panels, z, title)
 
 
 # ----------------------------------------------------------------------------------------------------------- main
