@@ -732,6 +732,10 @@ Saved in `ckpt_dir` (default `models/`): `model.pt` (backbone only, best `val_re
 (backbone and heads, same epoch; used by `evaluate.json`), and full training checkpoints `checkpoint_epoch=N.pt` /
 `checkpoint_final.pt` (network, optimizer, lr scheduler, trainer state) for `resume`.
 
+To share the weights as a bundle (a zip `python -m monai.bundle download --url ...` accepts, with the SHA-256 of
+`models/model.pt` in `large_files.yml`), run `python tools/pack_bundle.py bundles/{spec.name} --version X.Y.Z` from the
+HybridMIM Bundles repository; a finetune bundle's `pretrained_path` takes the downloaded folder and checks the hash.
+
 ## Memory
 
 GPU: the dominant cost is the encoder on {spec.roi}³ crops run twice (two dropout views, stacked) with the decoder on
