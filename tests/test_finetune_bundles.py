@@ -576,28 +576,6 @@ def test_finetune_initial_weights_are_seeded(workdir, dataset):
     assert _same_weights(first, second)
 
 
-@pytest.mark.parametrize("backbone,task", CASES, ids=IDS)
-def test_multi_gpu_seed_differs_per_rank(backbone, task, monkeypatch):
-    """Under torchrun each rank seeds with ``seed + RANK``: different crops and augmentations per GPU."""
-    from monai.bundle import ConfigParser
-
-    cfg = configs(backbone, task)
-    parser = ConfigParser()
-    parser.read_config([f"{cfg}/train.json", f"{cfg}/multi_gpu_train.json"])
-    seeding = [i for i, expr in enumerate(parser["initialize"]) if "set_determinism" in expr]
-    assert len(seeding) == 1, parser["initialize"]
-
-    def draws(rank: int) -> torch.Tensor:
-        monkeypatch.setenv("RANK", str(rank))
-        torch.manual_seed(1000 + rank)  # the seeding expression alone decides the draws
-        parser.parse(reset=True)
-        parser.get_parsed_content(f"initialize#{seeding[0]}")
-        return torch.randint(0, 2**30, (4,))
-
-    assert not torch.equal(draws(0), draws(1))
-    assert torch.equal(draws(1), draws(1))
-
-
 def _monai_label_labels(meta: dict) -> dict:
     """Label names as MONAI Label's monaibundle app reads them (``BundleInferTask``): the first entry of
     ``network_data_format.outputs``, ``{name.lower(): int(key)}`` of its ``channel_def``, background left out."""
