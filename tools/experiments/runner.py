@@ -328,8 +328,8 @@ class Runs:
         return os.path.join(self.out_dir, "logs", f"{run_id}.log")
 
     def once(self, run_id: str, title: str, bundle: str, overrides: dict, total_steps: int | None,
-             collect: Callable[[str, str], dict]) -> dict:
-        """Run ``bundle``'s ``train.json`` with ``overrides`` unless ``run_id`` has finished; returns its result."""
+             collect: Callable[[str, str], dict], config: str = "train.json") -> dict:
+        """Run ``bundle``'s ``config`` with ``overrides`` unless ``run_id`` has finished; returns its result."""
         run_dir, log_path = self.run_dir(run_id), self.log_path(run_id)
         marker = os.path.join(run_dir, "result.json")
         if os.path.isfile(marker):
@@ -345,7 +345,7 @@ class Runs:
             self.skipped.append(run_id)
             return done["result"]
         shutil.rmtree(run_dir, ignore_errors=True)  # an interrupted run starts again from nothing
-        wall = run_stage(title, bundle_command(bundle, ["train.json"], overrides), log_path, total_steps)
+        wall = run_stage(title, bundle_command(bundle, [config], overrides), log_path, total_steps)
         result = {**collect(run_dir, log_path), "wall_s": round(wall, 2)}
         write_json_atomic(marker, {"run": run_id, "bundle": bundle, "overrides": jsonable(overrides),
                                    "result": result})
