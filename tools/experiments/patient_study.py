@@ -30,6 +30,7 @@ import argparse
 import json
 import math
 import os
+import re
 import statistics
 import sys
 import time
@@ -54,7 +55,7 @@ PRESETS = {
     "cpu": {"device": "cpu", "seeds": 3, "pixdim": [2.0, 2.0, 3.0], "features": [16, 16, 32, 64, 128, 16],
             "roi_size": [64, 64, 32], "region_size": [48, 48, 16], "sub_volume_size": 16, "patch_size": 8,
             "samples_per_volume": 4, "num_samples": 2, "pretrain_steps": 500, "pretrain_lr": 1e-3,
-            "finetune_steps": 150, "finetune_lr": 1e-3, "workers": 0},
+            "finetune_steps": 300, "finetune_lr": 1e-3, "workers": 0},
     "small": {"device": "cpu", "seeds": 1, "pixdim": [3.0, 3.0, 3.0], "features": [4, 4, 8, 8, 16, 4],
               "roi_size": [32, 32, 32], "region_size": [32, 32, 16], "sub_volume_size": 16, "patch_size": 8,
               "samples_per_volume": 2, "num_samples": 1, "pretrain_steps": 4, "pretrain_lr": 1e-3,
@@ -112,6 +113,16 @@ def provenance(args) -> str:
         return f"bundle defaults (paper settings), {args.device}, your data"
     data = "the 4 lung-cancer patients of the Radiomics Digital Phantom" if args.default_task else "your data"
     return f"{args.preset} preset, {args.device}, {data}: a small study, not the paper's figures"
+
+
+def check_device(device: str) -> None:
+    """Fail before any download or training when the requested GPU is not there."""
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise runner.ExperimentError(f"--device {device}: no CUDA device is available here; use --device cpu "
+                                         "(and --preset cpu for a CPU-sized study)")
 
 
 # --------------------------------------------------------------------------------------------------------- data
@@ -210,7 +221,8 @@ def _top_level_keys(bundle: str, config: str) -> set[str]:
 
 
 # ------------------------------------------------------------------------------------------------------- the runs
-def run_pretraining(args, runs: runner.Runs, run_id: str, pool: str) -> dict:
+def run_pretraining(args, runs: runner.Runs, run_id: str, pool: str, images: dict[str, list[str]]) -> dict:
+    """One pretraining on the datalist ``pool``, which holds ``images`` (``{section: [paths]}``)."""
     overrides = pretrain_overrides(args, runs.run_dir(run_id), pool)
     steps = (overrides.get("steps_per_epoch") or runner.bundle_default(args.pretrain_bundle, "steps_per_epoch")) * (
         overrides.get("train#trainer#max_epochs") or runner.bundle_default(args.pretrain_bundle,
@@ -224,7 +236,8 @@ def run_pretraining(args, runs: runner.Runs, run_id: str, pool: str) -> dict:
         return {"model": model, "steps": steps, "step_s": round(runner.median_step_time(log_path), 4),
                 "pretext": rows}
 
-    return runs.once(run_id, f"{run_id} ({steps} steps)", args.pretrain_bundle, overrides, steps, collect)
+    return runs.once(run_id, f"{run_id} ({steps} steps)", args.pretrain_bundle, overrides, steps, collect,
+                     inputs=images)
 
 
 def run_finetune(args, runs: runner.Runs, run_id: str, fold: folds_mod.Fold, task: str, pretrained: str | None,
@@ -240,7 +253,8 @@ def run_finetune(args, runs: runner.Runs, run_id: str, fold: folds_mod.Fold, tas
         return {"checkpoint": final, "epochs": epochs, "steps": epochs * n_cases,
                 "step_s": round(runner.median_step_time(log_path), 4)}
 
-    return runs.once(run_id, run_id, args.finetune_bundle, overrides, epochs * n_cases, collect)
+    return runs.once(run_id, run_id, args.finetune_bundle, overrides, epochs * n_cases, collect,
+                     inputs={"train": fold.train_images, "test": fold.test_images})
 
 
 def run_inference(args, runs: runner.Runs, run_id: str, fold: folds_mod.Fold, task: str, checkpoint: str) -> dict:
@@ -275,7 +289,12 @@ def run_inference(args, runs: runner.Runs, run_id: str, fold: folds_mod.Fold, ta
                 "predictions": [m["prediction"] for m in per_entry]}
         return {"patients": out}
 
-    return runs.once(run_id, run_id, args.finetune_bundle, overrides, None, collect, config="inference.json")
+    return runs.once(run_id, run_id, args.finetune_bundle, overrides, None, collect, config="inference.json",
+                     inputs={"test": fold.test_images})
+
+
+def pool_images(pool: dict[str, list[dict]]) -> dict[str, list[str]]:
+    return {section: [i for e in entries for i in folds_mod._pool_images(e)] for section, entries in pool.items()}
 
 
 def describe_folds(fold_list: list[folds_mod.Fold], pool: dict, shared: bool) -> str:
@@ -298,6 +317,7 @@ def main(argv=None) -> int:
     runs = runner.Runs(args.out_dir)
     started = time.time()
     try:
+        check_device(args.device)
         task, pool = prepare_data(args)
         data_s = time.time() - started
         patients = folds_mod.read_patients(task)
@@ -309,13 +329,13 @@ def main(argv=None) -> int:
         print(f"{NAME}: {label}\ntask: {task}\npool: {pool}\n{layout}")
         pretrainings, rows = {}, []
         if shared:
-            pretrainings["all"] = run_pretraining(args, runs, "pretrain", pool)
+            pretrainings["all"] = run_pretraining(args, runs, "pretrain", pool, pool_images(pool_entries))
         for fold in fold_list:
             fold_dir = os.path.join(args.out_dir, "folds", f"fold{fold.index}")
             fold_task, fold_pool = folds_mod.write_fold_datalists(fold, fold_dir, shared)
             if not shared:
                 pretrainings[f"fold{fold.index}"] = run_pretraining(args, runs, f"fold{fold.index}_pretrain",
-                                                                    fold_pool)
+                                                                    fold_pool, pool_images(fold.pool))
             model = pretrainings["all" if shared else f"fold{fold.index}"]["model"]
             for seed in args.seed_list:
                 for arm in ARMS:
@@ -350,6 +370,11 @@ def paired_differences(summary: list[dict], metric: str) -> dict[str, float]:
             if (p, "pretrained") in by and (p, "scratch") in by}
 
 
+def natural_key(text: str) -> list:
+    """``pat_2`` before ``pat_10``."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
+
+
 def _fmt(mean: float, std: float, digits: int = 3) -> str:
     return tables.mean_std(mean, std, digits)
 
@@ -367,7 +392,7 @@ def report(args, runs, rows, pretrainings, fold_list, label, layout, data_s, tot
                 "hd95_mm": paired_stats.verdict(cis["hd95_mm"], "HD95", False)}
 
     by = {(r["patient"], r["arm"]): r for r in summary}
-    patient_ids = list(dict.fromkeys(r["patient"] for r in rows))
+    patient_ids = sorted(dict.fromkeys(r["patient"] for r in rows), key=natural_key)
     per_patient = tables.markdown_table(
         ["held-out patient", "GTV voxels", "Dice from HybridMIM", "Dice from scratch", "Dice difference",
          "HD95 from HybridMIM (mm)", "HD95 from scratch (mm)"],

@@ -328,13 +328,21 @@ class Runs:
         return os.path.join(self.out_dir, "logs", f"{run_id}.log")
 
     def once(self, run_id: str, title: str, bundle: str, overrides: dict, total_steps: int | None,
-             collect: Callable[[str, str], dict], config: str = "train.json") -> dict:
-        """Run ``bundle``'s ``config`` with ``overrides`` unless ``run_id`` has finished; returns its result."""
+             collect: Callable[[str, str], dict], config: str = "train.json", inputs: dict | None = None) -> dict:
+        """Run ``bundle``'s ``config`` with ``overrides`` unless ``run_id`` has finished; returns its result.
+
+        ``inputs``: what else defines the run beyond its overrides (e.g. which patients a datalist file holds); a
+        finished run with other inputs is refused like one with other overrides.
+        """
         run_dir, log_path = self.run_dir(run_id), self.log_path(run_id)
         marker = os.path.join(run_dir, "result.json")
         if os.path.isfile(marker):
             with open(marker, encoding="utf-8") as f:
                 done = json.load(f)
+            if "inputs" in done and done["inputs"] != jsonable(inputs):
+                raise ExperimentError(f"{marker} holds a finished run with other inputs ({done.get('inputs')}, now "
+                                      f"{jsonable(inputs)}); use another --out_dir or delete {run_dir} to run it "
+                                      "again")
             if done.get("overrides") != jsonable(overrides) or done.get("bundle") != bundle:
                 changed = sorted(k for k in set(done.get("overrides", {})) | set(overrides)
                                  if done.get("overrides", {}).get(k) != jsonable(overrides).get(k))
@@ -348,7 +356,7 @@ class Runs:
         wall = run_stage(title, bundle_command(bundle, [config], overrides), log_path, total_steps)
         result = {**collect(run_dir, log_path), "wall_s": round(wall, 2)}
         write_json_atomic(marker, {"run": run_id, "bundle": bundle, "overrides": jsonable(overrides),
-                                   "result": result})
+                                   "inputs": jsonable(inputs), "result": result})
         self.ran.append(run_id)
         return result
 

@@ -1,0 +1,245 @@
+"""The patient study (tools/experiments/patient_study.py): folds never leak a test patient, the paired bootstrap
+against hand computations, the metrics on hand-made masks, and the --small preset end to end with resume."""
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import os
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from tools.experiments import folds, paired_stats, patient_study
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _nifti(path, value, shape=(6, 6, 4)):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    nib.save(nib.Nifti1Image(np.full(shape, value, np.int16), np.eye(4)), path)
+    return path
+
+
+def _task(tmp_path, entries):
+    """A task datalist of ``entries`` = ``[(name, patient or None), ...]``; images differ in content."""
+    items = []
+    for i, (name, patient) in enumerate(entries):
+        item = {"image": _nifti(str(tmp_path / "img" / f"{name}.nii.gz"), i),
+                "label": _nifti(str(tmp_path / "lab" / f"{name}.nii.gz"), 1)}
+        if patient:
+            item["patient"] = patient
+        items.append(item)
+    path = tmp_path / "task.json"
+    path.write_text(json.dumps({"training": items[1:], "validation": items[:1]}))
+    return str(path)
+
+
+def _pool(tmp_path, images, validation=()):
+    path = tmp_path / "pool.json"
+    path.write_text(json.dumps({"training": [{"image": i} for i in images],
+                                "validation": [{"image": i} for i in validation]}))
+    return folds.read_pool(str(path))
+
+
+# ------------------------------------------------------------------------------------------------------- folds
+def test_leave_one_out_tests_every_patient_once_and_never_trains_on_it(tmp_path):
+    patients = folds.read_patients(_task(tmp_path, [(f"p{i}", None) for i in range(4)]))
+    pool = _pool(tmp_path, [_nifti(str(tmp_path / "pool" / "a.nii.gz"), 50)])
+    fold_list = folds.build_folds(patients, pool)
+    # patients in datalist order (training, then validation), each the test patient of one fold
+    assert [[p.id for p in f.test] for f in fold_list] == [["p1"], ["p2"], ["p3"], ["p0"]]
+    for fold in fold_list:
+        assert not set(fold.test_images) & set(fold.train_images)
+        assert len(fold.train) == 3 and not fold.pool_dropped
+
+
+def test_k_folds_partition_patients_and_keep_a_patients_scans_together(tmp_path):
+    task = _task(tmp_path, [("a1", "A"), ("a2", "A"), ("b1", "B"), ("c1", "C"), ("d1", "D"), ("e1", "E")])
+    patients = folds.read_patients(task)
+    assert sorted(p.id for p in patients) == ["A", "B", "C", "D", "E"]
+    assert len(next(p for p in patients if p.id == "A").entries) == 2
+    fold_list = folds.build_folds(patients, _pool(tmp_path, [_nifti(str(tmp_path / "q.nii.gz"), 99)]), k=2)
+    tested = [p.id for f in fold_list for p in f.test]
+    assert sorted(tested) == ["A", "B", "C", "D", "E"]  # each exactly once
+    assert sorted(len(f.test) for f in fold_list) == [2, 3]
+    for fold in fold_list:
+        train_ids = {p.id for p in fold.train}
+        assert not train_ids & {p.id for p in fold.test}
+        assert not set(fold.test_images) & set(fold.train_images)
+
+
+def test_the_pool_of_a_fold_loses_its_test_patient_by_path_and_by_copy(tmp_path):
+    task = _task(tmp_path, [("p0", None), ("p1", None), ("p2", None)])
+    patients = {p.id: p for p in folds.read_patients(task)}
+    copy_of_p1 = str(tmp_path / "pool" / "renamed_copy.nii.gz")
+    os.makedirs(os.path.dirname(copy_of_p1))
+    shutil.copyfile(patients["p1"].images[0], copy_of_p1)
+    other = _nifti(str(tmp_path / "pool" / "other.nii.gz"), 77)
+    pool = _pool(tmp_path, [patients["p0"].images[0], copy_of_p1, other], validation=[patients["p2"].images[0]])
+    fold_list = folds.build_folds(list(patients.values()), pool)
+    by_test = {f.test[0].id: f for f in fold_list}
+    kept = lambda f: [e["image"] for entries in f.pool.values() for e in entries]  # noqa: E731
+    assert by_test["p0"].pool_dropped == [patients["p0"].images[0]]
+    assert patients["p0"].images[0] not in kept(by_test["p0"])
+    assert by_test["p1"].pool_dropped == [copy_of_p1] and copy_of_p1 not in kept(by_test["p1"])
+    assert by_test["p2"].pool_dropped == [patients["p2"].images[0]] and by_test["p2"].pool["validation"] == []
+    # the training patients' images may stay in the pool (unlabelled use is allowed)
+    assert patients["p0"].images[0] in kept(by_test["p1"])
+    # the written datalists agree
+    task_path, pool_path = folds.write_fold_datalists(by_test["p1"], str(tmp_path / "fold"), shared_pool=False)
+    written_task, written_pool = (json.loads(open(p).read()) for p in (task_path, pool_path))
+    assert [e["image"] for e in written_task["testing"]] == patients["p1"].images
+    assert all(e["image"] != patients["p1"].images[0] for e in written_task["training"] + written_task["validation"])
+    assert copy_of_p1 not in [e["image"] for e in written_pool["training"]]
+
+
+def test_check_no_leak_refuses_a_test_image_in_training_or_pool(tmp_path):
+    task = _task(tmp_path, [("p0", None), ("p1", None)])
+    by_id = {p.id: p for p in folds.read_patients(task)}
+    p0, p1 = by_id["p0"], by_id["p1"]
+    leaked_train = folds.Fold(0, [p0, p1], [p1], {"training": []}, [])
+    with pytest.raises(folds.FoldError, match="p1.nii.gz is also in the training"):
+        folds.check_no_leak(leaked_train)
+    leaked_pool = folds.Fold(0, [p0], [p1], {"training": [{"image": p1.images[0]}]}, [])
+    with pytest.raises(folds.FoldError, match="pretraining pool"):
+        folds.check_no_leak(leaked_pool)
+
+
+def test_bad_fold_counts_and_an_emptied_pool_are_clear_errors(tmp_path):
+    task = _task(tmp_path, [("p0", None), ("p1", None), ("p2", None)])
+    patients = folds.read_patients(task)
+    for k in (1, 4):
+        with pytest.raises(folds.FoldError, match=f"--folds {k}: expected 2 to 3"):
+            folds.make_folds([p.id for p in patients], k)
+    pool = _pool(tmp_path, [patients[0].images[0]])  # the only pool image belongs to the first test patient
+    with pytest.raises(folds.FoldError, match="nothing is left in the pretraining pool"):
+        folds.build_folds(patients, pool)
+
+
+# --------------------------------------------------------------------------------------------------- bootstrap
+def test_exact_bootstrap_of_a_hand_computable_case():
+    # differences (0, 0, 3): a resample's mean is k where k ~ Binomial(3, 1/3) draws of the 3, so
+    # P(mean = 0, 1, 2, 3) = 8/27, 12/27, 6/27, 1/27; CDF 0.296, 0.741, 0.963, 1. The 2.5 % quantile is 0, the
+    # 97.5 % quantile is 3 (the CDF first reaches 0.975 at 3).
+    ci = paired_stats.paired_bootstrap_ci([0.0, 0.0, 3.0])
+    assert ci == {"mean": 1.0, "low": 0.0, "high": 3.0, "n": 3, "method": "exact"}
+    # at the 50 % level the quantiles are 25 % -> 0 and 75 % -> 2 (0.741 < 0.75 <= 0.963)
+    half = paired_stats.paired_bootstrap_ci([0.0, 0.0, 3.0], level=0.5)
+    assert (half["low"], half["high"]) == (0.0, 2.0)
+    # (0, 1): means 0, 0.5, 1 with probabilities 1/4, 1/2, 1/4
+    assert paired_stats.paired_bootstrap_ci([0.0, 1.0], level=0.4)[("low")] == 0.5
+    assert paired_stats.paired_bootstrap_ci([0.2, 0.2, 0.2, 0.2]) == pytest.approx(
+        {"mean": 0.2, "low": 0.2, "high": 0.2, "n": 4, "method": "exact"})
+
+
+def test_exact_bootstrap_equals_brute_force_over_all_ordered_resamples():
+    d = np.array([0.31, -0.12, 0.05, 0.44])
+    means = np.array([d[list(idx)].mean() for idx in itertools.product(range(4), repeat=4)])  # all 256 resamples
+    low, high = np.quantile(means, [0.025, 0.975], method="inverted_cdf")
+    ci = paired_stats.paired_bootstrap_ci(d)
+    assert ci["low"] == pytest.approx(low) and ci["high"] == pytest.approx(high)
+    assert ci["mean"] == pytest.approx(d.mean())
+
+
+def test_monte_carlo_bootstrap_above_the_exact_limit_is_seeded_and_inside_the_data_range():
+    d = np.linspace(-0.2, 0.4, paired_stats.EXACT_MAX_N + 2)
+    a = paired_stats.paired_bootstrap_ci(d, seed=3)
+    assert a == paired_stats.paired_bootstrap_ci(d, seed=3)
+    assert a["method"].startswith("monte carlo")
+    assert d.min() < a["low"] < a["mean"] < a["high"] < d.max()
+
+
+def test_verdict_states_the_sign_plainly():
+    helped = paired_stats.verdict({"mean": 0.1, "low": 0.02, "high": 0.2}, "Dice", True)
+    assert helped.startswith("pretraining helped")
+    hurt = paired_stats.verdict({"mean": -0.1, "low": -0.2, "high": -0.01}, "Dice", True)
+    assert hurt.startswith("pretraining hurt")
+    assert paired_stats.verdict({"mean": 5.0, "low": 1.0, "high": 9.0}, "HD95", False).startswith("pretraining hurt")
+    unclear = paired_stats.verdict({"mean": -0.05, "low": -0.2, "high": 0.1}, "Dice", True)
+    assert unclear.startswith("no clear difference") and "lower on average" in unclear
+
+
+# ----------------------------------------------------------------------------------------------------- metrics
+def test_dice_and_hd95_in_mm_on_hand_made_masks():
+    truth = np.zeros((10, 10, 10), np.uint8)
+    pred = np.zeros_like(truth)
+    truth[4, 4, 2] = 1
+    pred[4, 4, 4] = 1  # two slices away, slices 3 mm apart: every surface distance is 6 mm
+    m = paired_stats.segmentation_metrics(pred, truth, (1.0, 1.0, 3.0))
+    assert m["dice"] == 0.0 and m["hd95_mm"] == pytest.approx(6.0) and not m["empty"]
+    truth[2:6, 2:6, 2:6] = 1  # 64 voxels
+    pred[:] = 0
+    pred[2:6, 2:6, 2:4] = 1  # 32 voxels, all inside
+    m = paired_stats.segmentation_metrics(pred, truth, (1.0, 1.0, 1.0))
+    assert m["dice"] == pytest.approx(2 * 32 / (32 + 64))
+    empty = paired_stats.segmentation_metrics(np.zeros_like(truth), truth, (1.0, 2.0, 3.0))
+    assert empty["empty"] and empty["dice"] == 0.0
+    assert empty["hd95_mm"] == pytest.approx(np.sqrt(10 ** 2 + 20 ** 2 + 30 ** 2))
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+def _read_csv(path):
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.slow
+def test_small_preset_end_to_end_with_a_leaking_pool_and_resume(tmp_path, capsys):
+    from tools.make_demo_data import make_ct_dataset, make_unlabeled_ct_pool
+
+    task = make_ct_dataset(str(tmp_path / "task"), num_classes=2, shape=(40, 40, 32), spacing=(3.0, 3.0, 3.0),
+                           n_train=2, n_val=1, n_test=0, seed=0)
+    pool = make_unlabeled_ct_pool(str(tmp_path / "pool"), n_train=1, n_val=1, n_test=0, shape=(40, 40, 32),
+                                  spacing=(3.0, 3.0, 3.0), seed=1)
+    # the user's pool also holds a copy of one task patient: each fold must pretrain without its test patient
+    content = json.loads(open(pool).read())
+    task_images = [e["image"] for e in json.loads(open(task).read())["training"]]
+    shutil.copyfile(os.path.join(os.path.dirname(task), task_images[0]), str(tmp_path / "pool" / "copy.nii.gz"))
+    content["training"].append({"image": "copy.nii.gz"})
+    with open(pool, "w") as f:
+        json.dump(content, f)
+    out = tmp_path / "out"
+    argv = ["--small", "--task", task, "--pool", pool, "--folds", "2", "--out_dir", str(out)]
+    assert patient_study.main(argv) == 0
+
+    rows = _read_csv(out / "patient_study_runs.csv")
+    assert sorted((r["patient"], r["arm"]) for r in rows) == sorted(
+        (p, a) for p in ("ct_000", "ct_001", "ct_002") for a in ("pretrained", "scratch"))
+    for row in rows:
+        assert 0.0 <= float(row["dice"]) <= 1.0 and float(row["hd95_mm"]) >= 0.0
+    # one pretraining per fold, and none of them saw its fold's test patient (copy included)
+    for fold in (0, 1):
+        fold_dir = out / "folds" / f"fold{fold}"
+        tested = {os.path.basename(e["image"]) for e in json.loads((fold_dir / "task.json").read_text())["testing"]}
+        trained = {os.path.basename(e["image"]) for e in json.loads((fold_dir / "task.json").read_text())["training"]}
+        pooled = json.loads((fold_dir / "pool.json").read_text())["training"]
+        assert tested and not tested & trained
+        if "ct_000.nii.gz" in tested:
+            assert all(not e["image"].endswith("copy.nii.gz") for e in pooled)
+        assert (out / "runs" / f"fold{fold}_pretrain" / "models" / "model.pt").is_file()
+    # predictions are in each scan's original geometry
+    result = json.loads((out / "runs" / "fold0_pretrained_seed0_infer" / "result.json").read_text())["result"]
+    for patient in result["patients"].values():
+        pred = nib.load(patient["predictions"][0])
+        truth = nib.load(str(tmp_path / "task" / "labelsTr" / os.path.basename(patient["predictions"][0])
+                             .replace("_seg", "")))
+        assert pred.shape == truth.shape and np.allclose(pred.affine, truth.affine)
+    summary = _read_csv(out / "patient_study.csv")
+    assert len(summary) == 6 and all(r["provenance"].startswith("small preset") for r in summary)
+    md = (out / "patient_study.md").read_text()
+    assert "95 % bootstrap interval" in md and ("pretraining helped" in md or "pretraining hurt" in md
+                                                or "no clear difference" in md)
+    for png in ("patient_study_dice.png", "patient_study_overlay.png"):
+        assert (out / png).read_bytes()[:8] == PNG_SIGNATURE
+
+    # a rerun skips every finished run and writes the same table
+    before = (out / "patient_study_runs.csv").read_text()
+    capsys.readouterr()
+    assert patient_study.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("finished earlier, skipped") == 2 + 2 * 2 * 2  # 2 pretrainings; 2 folds x 2 arms x (finetune, inference)
+    assert (out / "patient_study_runs.csv").read_text().replace("\r", "").split("\n")[1:] == \
+        before.replace("\r", "").split("\n")[1:]
