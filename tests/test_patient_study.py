@@ -243,3 +243,40 @@ def test_small_preset_end_to_end_with_a_leaking_pool_and_resume(tmp_path, capsys
     assert printed.count("finished earlier, skipped") == 2 + 2 * 2 * 2  # 2 pretrainings; 2 folds x 2 arms x (finetune, inference)
     assert (out / "patient_study_runs.csv").read_text().replace("\r", "").split("\n")[1:] == \
         before.replace("\r", "").split("\n")[1:]
+
+
+# ------------------------------------------------------------------------------------------------- presets
+def test_paper_preset_overrides_only_paths_seeds_device_and_the_no_selection_rule(tmp_path):
+    args = patient_study.parse_args(["--task", "t.json", "--pool", "p.json", "--out_dir", str(tmp_path)])
+    assert args.preset == "paper" and args.device == "cuda" and args.seed_list == [0, 1, 2]
+    pre = patient_study.pretrain_overrides(args, str(tmp_path / "pre"), str(tmp_path / "pool.json"))
+    index = patient_study.validation_handler_index(args.pretrain_bundle)
+    assert set(pre) == {"dataset_dir", "data_list_file_path", "ckpt_dir", "output_dir", "device", "amp", "seed",
+                        f"train#handlers#{index}#exec_at_start"}
+    default_epochs = patient_study.runner.bundle_default(args.finetune_bundle, "train#trainer#max_epochs")
+    epochs = patient_study.finetune_epochs(args, n_train_cases=3)
+    assert epochs == default_epochs  # the bundle's own schedule
+    ft = patient_study.finetune_overrides(args, str(tmp_path / "ft"), str(tmp_path / "task.json"), None, 2, epochs)
+    assert ft["val_interval"] == epochs + 1  # never validates: nothing is selected on the test patient
+    assert ft["seed"] == 2 and ft["pretrained_path"] == ""
+    for key in ("pixdim", "features", "roi_size", "learning_rate", "num_samples", "warmup_epochs"):
+        assert key not in ft and key not in pre
+
+
+def test_cpu_preset_is_the_default_without_task_and_spreads_steps_over_cases(tmp_path):
+    args = patient_study.parse_args(["--out_dir", str(tmp_path)])
+    assert args.preset == "cpu" and args.device == "cpu"
+    assert patient_study.finetune_epochs(args, n_train_cases=3) == -(-args.finetune_steps // 3)
+    small = patient_study.parse_args(["--small", "--seeds", "2"])
+    assert small.preset == "small" and small.seed_list == [0, 1]
+
+
+def test_cuda_requested_without_a_gpu_fails_before_any_download(tmp_path, monkeypatch, capsys):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    called = []
+    monkeypatch.setattr(patient_study, "prepare_data", lambda args: called.append(args))
+    assert patient_study.main(["--device", "cuda", "--out_dir", str(tmp_path)]) == 1
+    assert not called
+    assert "--device cuda: no CUDA device" in capsys.readouterr().err

@@ -159,13 +159,13 @@ def _common(args, run_dir: str, datalist: str) -> dict:
 
 def pretrain_overrides(args, run_dir: str, pool: str) -> dict:
     """One pretraining: validation (pretext metrics and baselines) before the first step and after the last."""
-    out = {**_common(args, run_dir, pool), "seed": PRETRAIN_SEED, "val_interval": 1,
+    out = {**_common(args, run_dir, pool), "seed": PRETRAIN_SEED,
            f"train#handlers#{validation_handler_index(args.pretrain_bundle)}#exec_at_start": True}
     for key in ("region_size", "sub_volume_size", "patch_size", "samples_per_volume"):
         if getattr(args, key) is not None:
             out[key] = getattr(args, key)
     if args.pretrain_steps:
-        out.update({"steps_per_epoch": args.pretrain_steps, "train#trainer#max_epochs": 1,
+        out.update({"steps_per_epoch": args.pretrain_steps, "train#trainer#max_epochs": 1, "val_interval": 1,
                     "warmup_steps": max(1, args.pretrain_steps // 20)})
     if args.pretrain_lr:
         out["learning_rate"] = args.pretrain_lr
