@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import hashlib
 import json
 import os
 import subprocess
@@ -41,6 +40,11 @@ import tarfile
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+
+if __package__ in (None, ""):  # run as a file: make ``tools`` importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from tools.file_identity import sha256_of  # noqa: E402
 
 __all__ = [
     "SDIST_NAME",
@@ -101,14 +105,6 @@ class DemoDataError(RuntimeError):
 
 def default_cache_dir() -> str:
     return os.environ.get("HYBRIDMIM_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "hybridmim"))
-
-
-def sha256_of(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _check_hash(path: str, expected: str, filename: str = SDIST_FILE, error: type = None) -> None:

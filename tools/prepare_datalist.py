@@ -35,12 +35,17 @@ Command line (python-fire)::
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
 import re
+import sys
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+if __package__ in (None, ""):  # run as a file: make ``tools`` importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from tools.file_identity import same_file  # noqa: E402
 
 __all__ = ["btcv", "msd", "brats", "pool", "split_indices", "BTCV_SWINUNETR_VALIDATION", "BRATS_MODALITIES"]
 
@@ -346,9 +351,9 @@ def _looks_like_label(path: str) -> bool:
             or name.startswith("segmentation"))
 
 
-def _held_out_images(datalists: Sequence[str]) -> Dict[str, Tuple[int, str]]:
-    """``{real path: (size, sha256 or "" until needed)}`` of the validation/testing images of the downstream datalists."""
-    held_out: Dict[str, Tuple[int, str]] = {}
+def _held_out_images(datalists: Sequence[str]) -> List[str]:
+    """Real paths of the validation/testing images of the downstream datalists."""
+    held_out: List[str] = []
     for datalist in datalists:
         if not os.path.isfile(datalist):
             raise LayoutError(f"pool: --exclude datalist '{datalist}' not found.")
@@ -360,34 +365,14 @@ def _held_out_images(datalists: Sequence[str]) -> Dict[str, Tuple[int, str]]:
                 images = entry.get("image") if isinstance(entry, dict) else entry
                 for image in images if isinstance(images, list) else [images]:
                     path = os.path.realpath(image if os.path.isabs(image) else os.path.join(root, image))
-                    if os.path.isfile(path):
-                        held_out[path] = (os.path.getsize(path), "")
+                    if os.path.isfile(path) and path not in held_out:
+                        held_out.append(path)
     return held_out
 
 
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _is_held_out(path: str, held_out: Dict[str, Tuple[int, str]]) -> bool:
-    """Same file, or a copy: the hash is only computed for files of the same size as a held-out image."""
-    real = os.path.realpath(path)
-    if real in held_out:
-        return True
-    size, own_hash = os.path.getsize(real), None
-    for other, (other_size, other_hash) in list(held_out.items()):
-        if other_size == size:
-            if not other_hash:
-                other_hash = _sha256(other)
-                held_out[other] = (other_size, other_hash)
-            own_hash = own_hash or _sha256(real)
-            if own_hash == other_hash:
-                return True
-    return False
+def _is_held_out(path: str, held_out: Sequence[str]) -> bool:
+    """Same file, or a copy (the hash is only computed for files of the same size as a held-out image)."""
+    return any(same_file(path, other) for other in held_out)
 
 
 def pool(
@@ -447,8 +432,6 @@ def pool(
 
 
 if __name__ == "__main__":
-    import sys
-
     import fire
 
     try:

@@ -8,15 +8,14 @@ reaches training or the pool.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
 
 from hybridmim_components.data import load_datalist
+from tools.file_identity import same_file
 
 
 class FoldError(ValueError):
@@ -91,24 +90,6 @@ def make_folds(patient_ids: Sequence[str], k: int | None = None, seed: int = 0) 
     order = ids[:]
     random.Random(seed).shuffle(order)
     return [order[i::k] for i in range(k)]
-
-
-@lru_cache(maxsize=None)
-def _size_and_hash(path: str) -> tuple[int, str]:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return os.path.getsize(path), digest.hexdigest()
-
-
-def same_file(a: str, b: str) -> bool:
-    """Whether two paths hold the same image: the same file, or a byte-identical copy (size, then SHA-256)."""
-    if os.path.realpath(a) == os.path.realpath(b):
-        return True
-    if os.path.getsize(a) != os.path.getsize(b):
-        return False
-    return _size_and_hash(os.path.realpath(a)) == _size_and_hash(os.path.realpath(b))
 
 
 def _pool_images(entry: dict) -> list[str]:
