@@ -414,11 +414,13 @@ def report(args, runs, rows, pretrainings, fold_list, label, layout, data_s, tot
          ["HD95 in mm (lower is better)", f"{cis['hd95_mm']['mean']:+.1f}",
           f"[{cis['hd95_mm']['low']:+.1f}, {cis['hd95_mm']['high']:+.1f}]", verdicts["hd95_mm"]]])
     n = cis["dice"]["n"]
-    method = ("exact: every one of the resamples of the patients, weighted by its probability"
+    method = ("exact: every possible resample, weighted by its probability"
               if cis["dice"]["method"] == "exact" else cis["dice"]["method"])
-    stats_note = (f"Each patient's number is the mean over {len(args.seed_list)} finetuning seed(s); the interval "
-                  f"resamples the {n} patients with replacement ({method}). With {n} patients the interval is wide and "
-                  "coarse: it describes these patients, not a population.")
+    stats_note = (f"Dice and HD95 (95th-percentile surface distance, mm) are computed on the held-out scan in its "
+                  f"original geometry; an empty prediction counts as HD95 = the scan's diagonal. Each patient's number "
+                  f"is the mean over {len(args.seed_list)} finetuning seed(s) (all from the same pretrained "
+                  f"weights); the interval resamples the {n} patients with replacement ({method}). With {n} "
+                  "patients the interval is wide and coarse: it describes these patients, not a population.")
 
     pre_rows = next(iter(pretrainings.values()))["pretext"]
     pretext = tables.markdown_table(
@@ -434,7 +436,8 @@ def report(args, runs, rows, pretrainings, fold_list, label, layout, data_s, tot
     ft_step = statistics.median(r["finetune_step_s"] for r in ft_runs)
     inf_each = inf_wall / max(1, len(ft_runs))
     pre = next(iter(pretrainings.values()))
-    settings = (f"Bundles `{args.pretrain_bundle}` → `{args.finetune_bundle}`, preset `{args.preset}` on {args.device}"
+    settings = (f"Bundles `{args.pretrain_bundle}` → `{args.finetune_bundle}`, preset `{args.preset}` on "
+                f"{args.device}"
                 + ("" if args.preset == "paper" else
                    f": voxels {args.pixdim} mm, UNet features {args.features}, crops {args.roi_size}; pretraining "
                    f"{pre['steps']} steps of {args.samples_per_volume} crops (sub-volume {args.sub_volume_size}, "
@@ -443,10 +446,11 @@ def report(args, runs, rows, pretrainings, fold_list, label, layout, data_s, tot
                 + f"; {len(fold_list)} folds × {len(args.seed_list)} seed(s) × 2 arms.")
     timing = (f"Measured: pretraining {pre_step:.2f} s/step, finetuning {ft_step:.2f} s/step (medians from the "
               f"bundles' iteration logs), inference {inf_each:.0f} s per run (bundle start, sliding window, "
-              f"inversion, writing). Wall time of the runs (as measured when each ran): pretraining "
+              f"inversion, writing). Wall time of the runs, as measured when each ran: pretraining "
               f"{pre_wall / 60:.1f} min, {len(ft_runs)} finetunes {ft_wall / 60:.1f} min, {len(ft_runs)} inferences "
-              f"{inf_wall / 60:.1f} min; data {data_s / 60:.1f} min and {total_s / 60:.1f} min in all for this "
-              f"invocation ({len(runs.skipped)} run(s) skipped as finished earlier).")
+              f"{inf_wall / 60:.1f} min (sum {(pre_wall + ft_wall + inf_wall) / 60:.1f} min). This invocation: "
+              f"{total_s / 60:.1f} min in all, data {data_s / 60:.1f} min, {len(runs.skipped)} of "
+              f"{len(runs.skipped) + len(runs.ran)} runs skipped as finished earlier.")
 
     runs_csv = tables.write_csv(os.path.join(out, f"{NAME}_runs.csv"), rows, RUN_COLUMNS)
     csv_path = tables.write_csv(os.path.join(out, f"{NAME}.csv"), summary, PATIENT_COLUMNS)
@@ -503,6 +507,7 @@ def plot_overlays(path: str, rows: list[dict], fold_list: list[folds_mod.Fold], 
                                                                       preds["pretrained"], preds["scratch"])]
             ct, gtv, pre, scr = (np.asarray(img.dataobj, dtype=np.float32) for img in load)
             cases.append((patient.id, ct, gtv > 0, pre > 0, scr > 0))
+    cases.sort(key=lambda case: natural_key(case[0]))
     fig, axes = plt.subplots(1, max(1, len(cases)), figsize=(3.3 * max(1, len(cases)), 3.9), squeeze=False)
     for ax, (pid, ct, gtv, pre, scr) in zip(axes[0], cases):
         z = int(round(np.argwhere(gtv)[:, 2].mean())) if gtv.any() else ct.shape[2] // 2
@@ -520,7 +525,7 @@ def plot_overlays(path: str, rows: list[dict], fold_list: list[folds_mod.Fold], 
         ax.set_title(f"{pid}, slice {z}", fontsize=8)
         ax.axis("off")
     handles = [plt.Line2D([], [], color=c, label=n) for c, n in
-               (("lime", "ground truth (GTV)"), ("red", ARMS["pretrained"]), ("deepskyblue", ARMS["scratch"]))]
+               (("lime", "ground truth"), ("red", ARMS["pretrained"]), ("deepskyblue", ARMS["scratch"]))]
     fig.legend(handles=handles, loc="lower center", ncol=3, fontsize=8, frameon=False)
     fig.suptitle(f"{title} (seed {seed})", fontsize=7)
     fig.tight_layout(rect=(0, 0.07, 1, 0.95))
