@@ -240,7 +240,8 @@ def test_small_preset_end_to_end_with_a_leaking_pool_and_resume(tmp_path, capsys
     capsys.readouterr()
     assert patient_study.main(argv) == 0
     printed = capsys.readouterr().out
-    assert printed.count("finished earlier, skipped") == 2 + 2 * 2 * 2  # 2 pretrainings; 2 folds x 2 arms x (finetune, inference)
+    # 2 pretrainings; 2 folds x 2 arms x (finetune, inference)
+    assert printed.count("finished earlier, skipped") == 2 + 2 * 2 * 2
     assert (out / "patient_study_runs.csv").read_text().replace("\r", "").split("\n")[1:] == \
         before.replace("\r", "").split("\n")[1:]
 
