@@ -50,12 +50,8 @@ def read_patients(task_datalist: str) -> list[Patient]:
     """
     seen: dict[str, dict] = {}
     for section in ("training", "validation"):
-        try:
-            entries = load_datalist(None, task_datalist, section, required_keys=("image", "label"))
-        except ValueError as err:
-            if section == "validation" and ("has no key" in str(err) or "is empty" in str(err)):
-                continue
-            raise
+        entries = _read_section(task_datalist, section, optional=section == "validation",
+                                required_keys=("image", "label"))
         for entry in entries:
             if isinstance(entry["image"], (list, tuple)):
                 raise FoldError(f"{task_datalist}: the patient study takes one image file per entry "
@@ -113,13 +109,18 @@ def pool_for_fold(pool: dict[str, list[dict]], test_images: Sequence[str]) -> tu
 
 def read_pool(pool_datalist: str) -> dict[str, list[dict]]:
     """``training`` and (if present) ``validation`` of a pretraining datalist, with absolute paths."""
-    pool = {"training": load_datalist(None, pool_datalist, "training")}
+    return {"training": _read_section(pool_datalist, "training"),
+            "validation": _read_section(pool_datalist, "validation", optional=True)}
+
+
+def _read_section(datalist: str, section: str, optional: bool = False, **kwargs) -> list[dict]:
+    """``load_datalist`` of one section; an ``optional`` one may be missing or empty (then ``[]``)."""
     try:
-        pool["validation"] = load_datalist(None, pool_datalist, "validation")
+        return load_datalist(None, datalist, section, **kwargs)
     except ValueError as err:
-        if "has no key" not in str(err) and "is empty" not in str(err):
-            raise
-    return pool
+        if optional and ("has no key" in str(err) or "is empty" in str(err)):
+            return []
+        raise
 
 
 @dataclass

@@ -144,14 +144,20 @@ def prepare_data(args) -> tuple[str, str]:
 
 
 # ------------------------------------------------------------------------------------------------------ overrides
+#: what training and inference must agree on (the voxel size, the network, the window of the sliding inferer)
+NETWORK_KEYS = ("pixdim", "features", "roi_size")
+
+
+def _preset_values(args, keys) -> dict:
+    """The preset's (or command line's) value of each of ``keys``; ``None`` (the paper preset) keeps the bundle's."""
+    return {key: getattr(args, key) for key in keys if getattr(args, key) is not None}
+
+
 def _common(args, run_dir: str, datalist: str) -> dict:
     """What every training run shares: data, output folders, device, and the preset's voxel size, width, workers."""
     out = {"dataset_dir": os.path.dirname(datalist), "data_list_file_path": datalist,
            "ckpt_dir": os.path.join(run_dir, "models"), "output_dir": os.path.join(run_dir, "eval"),
-           **device_overrides(args.device)}
-    for key in ("pixdim", "features", "roi_size"):
-        if getattr(args, key) is not None:
-            out[key] = getattr(args, key)
+           **device_overrides(args.device), **_preset_values(args, NETWORK_KEYS)}
     if args.workers is not None:
         out.update({"train#dataloader#num_workers": args.workers, "validate#dataloader#num_workers": args.workers})
     return out
@@ -160,10 +166,8 @@ def _common(args, run_dir: str, datalist: str) -> dict:
 def pretrain_overrides(args, run_dir: str, pool: str) -> dict:
     """One pretraining: validation (pretext metrics and baselines) before the first step and after the last."""
     out = {**_common(args, run_dir, pool), "seed": PRETRAIN_SEED,
-           f"train#handlers#{validation_handler_index(args.pretrain_bundle)}#exec_at_start": True}
-    for key in ("region_size", "sub_volume_size", "patch_size", "samples_per_volume"):
-        if getattr(args, key) is not None:
-            out[key] = getattr(args, key)
+           f"train#handlers#{validation_handler_index(args.pretrain_bundle)}#exec_at_start": True,
+           **_preset_values(args, ("region_size", "sub_volume_size", "patch_size", "samples_per_volume"))}
     if args.pretrain_steps:
         out.update({"steps_per_epoch": args.pretrain_steps, "train#trainer#max_epochs": 1, "val_interval": 1,
                     "warmup_steps": max(1, args.pretrain_steps // 20)})
@@ -204,10 +208,7 @@ def inference_overrides(args, run_dir: str, task: str, checkpoint: str) -> dict:
     """The finetune bundle's ``inference.json`` on the fold's ``testing`` list with the finetune's final weights."""
     out = {"dataset_dir": os.path.dirname(task), "data_list_file_path": task,
            "checkpointloader#load_path": checkpoint, "output_dir": os.path.join(run_dir, "predictions"),
-           **device_overrides(args.device)}
-    for key in ("pixdim", "features", "roi_size"):
-        if getattr(args, key) is not None:
-            out[key] = getattr(args, key)
+           **device_overrides(args.device), **_preset_values(args, NETWORK_KEYS)}
     if args.workers is not None:
         out["dataloader#num_workers"] = args.workers
     inference_keys = _top_level_keys(args.finetune_bundle, "inference.json")
