@@ -197,9 +197,7 @@ def finetune_overrides(args, run_dir: str, task: str, pretrained: str | None, se
     if args.finetune_lr:
         out["learning_rate"] = args.finetune_lr
     if args.finetune_steps:
-        default_epochs = runner.bundle_default(args.finetune_bundle, "train#trainer#max_epochs")
-        warmup = runner.bundle_default(args.finetune_bundle, "warmup_epochs")
-        out["warmup_epochs"] = max(1, round(warmup * epochs / default_epochs))
+        out["warmup_epochs"] = runner.scaled_warmup_epochs(args.finetune_bundle, epochs)
     out.update(dict(args.finetune_override))
     return out
 
@@ -225,9 +223,7 @@ def _top_level_keys(bundle: str, config: str) -> set[str]:
 def run_pretraining(args, runs: runner.Runs, run_id: str, pool: str, images: dict[str, list[str]]) -> dict:
     """One pretraining on the datalist ``pool``, which holds ``images`` (``{section: [paths]}``)."""
     overrides = pretrain_overrides(args, runs.run_dir(run_id), pool)
-    steps = (overrides.get("steps_per_epoch") or runner.bundle_default(args.pretrain_bundle, "steps_per_epoch")) * (
-        overrides.get("train#trainer#max_epochs") or runner.bundle_default(args.pretrain_bundle,
-                                                                           "train#trainer#max_epochs"))
+    steps = runner.pretraining_steps(args.pretrain_bundle, overrides)
 
     def collect(run_dir: str, log_path: str) -> dict:
         model = os.path.join(run_dir, "models", "model.pt")

@@ -214,6 +214,19 @@ def pretrain_overrides(args: argparse.Namespace, run_dir: str, seed: int, extra:
     return out
 
 
+def pretraining_steps(bundle: str, overrides: dict) -> int:
+    """Optimiser steps of a pretraining: steps per epoch × epochs, from ``overrides`` or the bundle's defaults."""
+    per_epoch = overrides.get("steps_per_epoch") or bundle_default(bundle, "steps_per_epoch")
+    epochs = overrides.get("train#trainer#max_epochs") or bundle_default(bundle, "train#trainer#max_epochs")
+    return per_epoch * epochs
+
+
+def scaled_warmup_epochs(bundle: str, epochs: int) -> int:
+    """The finetune bundle's warm-up scaled to ``epochs`` (the same share of the schedule; at least 1)."""
+    default_epochs = bundle_default(bundle, "train#trainer#max_epochs")
+    return max(1, round(bundle_default(bundle, "warmup_epochs") * epochs / default_epochs))
+
+
 def finetune_epochs(args: argparse.Namespace, label_fraction: float) -> tuple[int, int]:
     """``(epochs, steps)`` of a finetune: ``--finetune_steps`` spread over the kept cases, else the bundle's epochs."""
     batch = bundle_default(args.finetune_bundle, "train#dataloader#batch_size")
@@ -245,10 +258,8 @@ def finetune_overrides(args: argparse.Namespace, run_dir: str, pretrained: str |
     else:
         out = dict(device_overrides(args.device))
         if args.finetune_steps:
-            default_epochs = bundle_default(args.finetune_bundle, "train#trainer#max_epochs")
-            warmup = bundle_default(args.finetune_bundle, "warmup_epochs")
             out.update({"train#trainer#max_epochs": epochs,
-                        "warmup_epochs": max(1, round(warmup * epochs / default_epochs))})
+                        "warmup_epochs": scaled_warmup_epochs(args.finetune_bundle, epochs)})
         if args.finetune_lr:
             out["learning_rate"] = args.finetune_lr
         if args.features:
@@ -363,10 +374,7 @@ class Runs:
     def pretrain(self, args: argparse.Namespace, run_id: str, title: str, seed: int, extra: dict | None = None) -> dict:
         """One pretraining; result: ``model`` (its ``model.pt``), ``steps``, ``step_s``, ``val_recon_mse``."""
         overrides = pretrain_overrides(args, self.run_dir(run_id), seed, extra)
-        per_epoch = overrides.get("steps_per_epoch") or bundle_default(args.pretrain_bundle, "steps_per_epoch")
-        epochs = overrides.get("train#trainer#max_epochs") or bundle_default(args.pretrain_bundle,
-                                                                             "train#trainer#max_epochs")
-        steps = per_epoch * epochs
+        steps = pretraining_steps(args.pretrain_bundle, overrides)
 
         def collect(run_dir: str, log_path: str) -> dict:
             model = os.path.join(run_dir, "models", "model.pt")
