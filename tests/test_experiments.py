@@ -172,6 +172,7 @@ class FakeBundle:
 
     def __init__(self):
         self.titles = []
+        self.model_bytes = b""  # what a pretraining writes as model.pt
 
     def __call__(self, title, command, log_path, total_steps=None):
         from torch.utils.tensorboard import SummaryWriter
@@ -181,7 +182,8 @@ class FakeBundle:
         writer = SummaryWriter(log_dir=value["--output_dir"])
         if "pretrain" in value["--bundle_root"]:
             os.makedirs(value["--ckpt_dir"])
-            open(os.path.join(value["--ckpt_dir"], "model.pt"), "wb").close()
+            with open(os.path.join(value["--ckpt_dir"], "model.pt"), "wb") as f:
+                f.write(self.model_bytes)
             writer.add_scalar("val_recon_mse", 0.01, 1)
         else:  # a Dice that depends on the run: seed and fraction
             writer.add_scalar("val_mean_dice", int(value["--seed"]) / 10 + float(value["--label_fraction"]) / 4, 1)
@@ -224,6 +226,54 @@ def test_interrupted_experiment_resumes_and_skips_finished_runs(tmp_path, monkey
     assert label_efficiency.main(argv + ["--finetune_lr", "0.01"]) == 1
     err = capsys.readouterr().err
     assert "result.json" in err and "learning_rate" in err and fake.titles == []
+
+
+def test_runs_are_keyed_by_the_content_of_weights_and_data(tmp_path, monkeypatch, capsys):
+    out = str(tmp_path / "out")
+    argv = ["--small", "--out_dir", out, "--fractions", "1.0", "--seeds", "0"]
+    fake = FakeBundle()
+    monkeypatch.setattr(runner, "run_stage", fake)
+    assert label_efficiency.main(argv) == 0
+    assert len(fake.titles) == 3  # pretraining, 2 finetunes
+    pretrain_marker = os.path.join(out, "runs", "pretrain", "result.json")
+
+    # pretraining redone, same bytes of model.pt: the finetunes still skip
+    os.remove(pretrain_marker)
+    fake.titles.clear()
+    assert label_efficiency.main(argv) == 0
+    assert len(fake.titles) == 1 and fake.titles[0].startswith("pretrain")
+
+    # pretraining redone with new weights: the finetune from them runs again, the one from scratch does not
+    os.remove(pretrain_marker)
+    fake.titles.clear()
+    fake.model_bytes = b"new weights"
+    assert label_efficiency.main(argv) == 0
+    assert len(fake.titles) == 2 and fake.titles[0].startswith("pretrain") and "pretrained" in fake.titles[1]
+
+    # a changed training image (same path, new bytes): every finetune runs again, the pretraining (pool) does not
+    fake.titles.clear()
+    image = json.load(open(os.path.join(out, "data", "ct", "dataset.json")))["training"][0]["image"]
+    with open(os.path.join(out, "data", "ct", image), "ab") as f:
+        f.write(b"\0")
+    capsys.readouterr()
+    assert label_efficiency.main(argv) == 0
+    assert len(fake.titles) == 2 and all(t.startswith("finetune") for t in fake.titles)
+    assert image.split("/")[-1] in capsys.readouterr().out  # says which file changed
+
+
+def test_a_marker_without_content_key_runs_again(tmp_path, monkeypatch):
+    out = str(tmp_path / "out")
+    argv = ["--small", "--out_dir", out, "--fractions", "1.0", "--seeds", "0"]
+    fake = FakeBundle()
+    monkeypatch.setattr(runner, "run_stage", fake)
+    assert label_efficiency.main(argv) == 0
+    marker = os.path.join(out, "runs", "finetune_scratch_f1_s0", "result.json")
+    done = json.load(open(marker))
+    done.pop("content", None)  # written before runs were keyed by content: what it consumed is unknown
+    json.dump(done, open(marker, "w"))
+    fake.titles.clear()
+    assert label_efficiency.main(argv) == 0
+    assert len(fake.titles) == 1 and "scratch" in fake.titles[0]
 
 
 # -------------------------------------------------------------------------------------- end to end (bundles)

@@ -25,7 +25,8 @@ def _cached_sha256(real_path: str, size: int, mtime_ns: int) -> str:  # size and
     return sha256_of(real_path)
 
 
-def _hash(path: str) -> str:
+def content_hash(path: str) -> str:
+    """SHA-256 of a file's bytes, computed once per file version (path, size, modification time)."""
     real = os.path.realpath(path)
     stat = os.stat(real)
     return _cached_sha256(real, stat.st_size, stat.st_mtime_ns)
@@ -37,4 +38,4 @@ def same_file(a: str, b: str) -> bool:
         return True
     if os.path.getsize(a) != os.path.getsize(b):
         return False
-    return _hash(a) == _hash(b)
+    return content_hash(a) == content_hash(b)

@@ -4,8 +4,10 @@ Every pretraining and finetuning is one ``python -m monai.bundle run`` of a bund
 (:mod:`tools.bundle_runner`), in ``<out_dir>/runs/<run id>/`` with its full log in ``<out_dir>/logs/<run id>.log``.
 When a run has finished and its numbers have been read back, ``runs/<run id>/result.json`` is written atomically
 (temporary file, then rename): it holds the overrides and the result. A later invocation skips every run whose
-``result.json`` exists with the same overrides, and refuses (naming the file) if the overrides differ; a run without
-it (interrupted) is started again from an empty folder.
+``result.json`` exists with the same overrides and the same content (SHA-256) of every file it consumes (weights,
+datalists, the images and labels they list: :func:`consumed_files`), and refuses (naming the file) if the overrides
+differ; a run whose consumed files changed (e.g. a redone pretraining wrote new weights) or without ``result.json``
+(interrupted) is started again from an empty folder.
 
 Two presets:
 
@@ -33,6 +35,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__fi
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
+from hybridmim_components.data import DEFAULT_PATH_KEYS, resolve_datalist_path  # noqa: E402
 from tools import demo  # noqa: E402
 from tools.bundle_runner import (  # noqa: E402
     BUNDLES,
@@ -43,6 +46,7 @@ from tools.bundle_runner import (  # noqa: E402
     run_stage,
     validation_handler_index,
 )
+from tools.file_identity import content_hash  # noqa: E402
 
 SMALL_PRETRAIN, SMALL_FINETUNE = "hybridmim_unet_pretrain", "hybridmim_unet_msd_spleen"
 #: Settings of ``--small`` common to all experiments (each experiment adds its own; the command line wins).
@@ -324,6 +328,56 @@ def write_json_atomic(path: str, content) -> None:
     os.replace(tmp, path)
 
 
+def _datalist_files(datalist: str, dataset_dir: str | None) -> list[str]:
+    """The image and label files every section of ``datalist`` names, resolved as the bundles do."""
+    with open(datalist, encoding="utf-8") as f:
+        content = json.load(f)
+    base = os.path.abspath(os.path.expanduser(dataset_dir)) if dataset_dir else os.path.dirname(datalist)
+    files = []
+    for entries in (content.values() if isinstance(content, dict) else []):
+        for entry in (entries if isinstance(entries, list) else []):
+            for key in DEFAULT_PATH_KEYS:
+                value = entry.get(key) if isinstance(entry, dict) else None
+                for v in ([value] if isinstance(value, str) else value if isinstance(value, list) else []):
+                    files.append(os.path.normpath(os.path.join(base, os.path.expanduser(str(v)))))
+    return files
+
+
+def consumed_files(overrides: dict, run_dir: str, inputs=None) -> list[str]:
+    """Files a run reads: absolute file paths among the override values (weights, checkpoints, datalists) and in
+    ``inputs``, the datalist ``data_list_file_path`` and the images and labels it lists; not the run's own files."""
+    found = []
+
+    def walk(value):
+        if isinstance(value, str):
+            found.append(value)
+        elif isinstance(value, dict):
+            for v in value.values():
+                walk(v)
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                walk(v)
+
+    walk(overrides)
+    walk(inputs)
+    files = [v for v in found if os.path.isabs(v) and os.path.isfile(v)]
+    if isinstance(overrides.get("data_list_file_path"), str) and overrides["data_list_file_path"]:
+        try:
+            datalist = resolve_datalist_path(overrides.get("dataset_dir"), overrides["data_list_file_path"])
+        except FileNotFoundError:
+            datalist = None  # the bundle says so when it runs
+        if datalist:
+            files += [datalist, *_datalist_files(datalist, overrides.get("dataset_dir"))]
+    own = os.path.abspath(run_dir) + os.sep
+    return sorted({os.path.abspath(f) for f in files if os.path.isfile(f)
+                   and not os.path.abspath(f).startswith(own)})
+
+
+def content_key(overrides: dict, run_dir: str, inputs=None) -> dict[str, str]:
+    """``{path: SHA-256}`` of :func:`consumed_files`."""
+    return {path: content_hash(path) for path in consumed_files(overrides, run_dir, inputs)}
+
+
 class Runs:
     """Runs of one experiment under ``out_dir``: each once, results kept in ``runs/<id>/result.json``."""
 
@@ -343,10 +397,13 @@ class Runs:
         """Run ``bundle``'s ``config`` with ``overrides`` unless ``run_id`` has finished; returns its result.
 
         ``inputs``: what else defines the run beyond its overrides (e.g. which patients a datalist file holds); a
-        finished run with other inputs is refused like one with other overrides.
+        finished run with other inputs is refused like one with other overrides. A finished run whose consumed files
+        (:func:`content_key`) changed since runs again.
         """
         run_dir, log_path = self.run_dir(run_id), self.log_path(run_id)
         marker = os.path.join(run_dir, "result.json")
+        content = content_key(overrides, run_dir, inputs)
+        done = None
         if os.path.isfile(marker):
             with open(marker, encoding="utf-8") as f:
                 done = json.load(f)
@@ -360,14 +417,19 @@ class Runs:
                 raise ExperimentError(f"{marker} holds a finished run with other settings (bundle "
                                       f"{done.get('bundle')}; overrides that differ: {changed or 'none'}); use another "
                                       f"--out_dir or delete {run_dir} to run it again")
-            print(f"{title}: finished earlier, skipped ({marker})")
-            self.skipped.append(run_id)
-            return done["result"]
+            if done.get("content") == content:
+                print(f"{title}: finished earlier, skipped ({marker})")
+                self.skipped.append(run_id)
+                return done["result"]
+            old = done.get("content")
+            changed = ("unknown (finished before runs were keyed by content)" if old is None else
+                       ", ".join(sorted(p for p in set(old) | set(content) if old.get(p) != content.get(p))))
+            print(f"{title}: finished earlier, but what it consumes changed ({changed}); running it again")
         shutil.rmtree(run_dir, ignore_errors=True)  # an interrupted run starts again from nothing
         wall = run_stage(title, bundle_command(bundle, [config], overrides), log_path, total_steps)
         result = {**collect(run_dir, log_path), "wall_s": round(wall, 2)}
         write_json_atomic(marker, {"run": run_id, "bundle": bundle, "overrides": jsonable(overrides),
-                                   "inputs": jsonable(inputs), "result": result})
+                                   "inputs": jsonable(inputs), "content": content, "result": result})
         self.ran.append(run_id)
         return result
 
