@@ -180,6 +180,44 @@ def test_dice_and_hd95_in_mm_on_hand_made_masks():
     assert empty["hd95_mm"] == pytest.approx(np.sqrt(10 ** 2 + 20 ** 2 + 30 ** 2))
 
 
+# ------------------------------------------------------------------------------------------------ predictions
+def _fake_inference(predictions):
+    """Stands in for ``run_stage``: writes ``{file name: mask}`` into the inference's output folder."""
+    def run(title, command, log_path, total_steps=None):
+        out = command[command.index("--output_dir") + 1]
+        os.makedirs(out, exist_ok=True)
+        for name, mask in predictions.items():
+            nib.save(nib.Nifti1Image(mask.astype(np.uint8), np.eye(4)), os.path.join(out, name))
+        return 1.0
+    return run
+
+
+def _inference(tmp_path, monkeypatch, names, test_names, predictions):
+    items = {n: {"image": _nifti(str(tmp_path / "img" / f"{n}.nii.gz"), i),
+                 "label": _nifti(str(tmp_path / "lab" / f"{n}.nii.gz"), 1)} for i, n in enumerate(names)}
+    patients = [folds.Patient(n, [items[n]]) for n in names]
+    fold = folds.Fold(0, [p for p in patients if p.id not in test_names],
+                      [p for p in patients if p.id in test_names], {"training": []}, [])
+    args = patient_study.parse_args(["--small", "--out_dir", str(tmp_path / "out")])
+    task, _ = folds.write_fold_datalists(fold, str(tmp_path / "fold"), shared_pool=True)
+    checkpoint = _nifti(str(tmp_path / "ckpt.nii.gz"), 0)
+    monkeypatch.setattr(patient_study.runner, "run_stage", _fake_inference(predictions))
+    runs = patient_study.runner.Runs(str(tmp_path / "out"))
+    return patient_study.run_inference(args, runs, "infer", fold, task, checkpoint)
+
+
+def test_a_prediction_is_found_by_its_exact_name_not_by_prefix(tmp_path, monkeypatch):
+    full, empty = np.ones((6, 6, 4)), np.zeros((6, 6, 4))
+    # pat_1 tested, only pat_10's prediction there: pat_1 must not be scored on it
+    with pytest.raises(patient_study.runner.ExperimentError, match="pat_1_seg.nii.gz"):
+        _inference(tmp_path / "a", monkeypatch, ["pat_1", "pat_10", "pat_2"], ["pat_1"],
+                   {"pat_10_seg.nii.gz": empty})
+    # both tested: each is scored on its own prediction (label all 1: Dice 1 for a full mask, 0 for an empty one)
+    result = _inference(tmp_path / "b", monkeypatch, ["pat_1", "pat_10", "pat_2"], ["pat_1", "pat_10"],
+                        {"pat_10_seg.nii.gz": empty, "pat_1_seg.nii.gz": full})
+    assert result["patients"]["pat_1"]["dice"] == 1.0 and result["patients"]["pat_10"]["dice"] == 0.0
+
+
 # ------------------------------------------------------------------------------------------------ end to end
 def _read_csv(path):
     with open(path, newline="", encoding="utf-8") as f:

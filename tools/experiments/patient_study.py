@@ -41,7 +41,7 @@ if __package__ in (None, ""):  # run as a file: make ``tools`` importable
 import numpy as np  # noqa: E402
 
 from tools import demo  # noqa: E402
-from tools.bundle_runner import device_overrides, find_output, read_scalars, validation_handler_index  # noqa: E402
+from tools.bundle_runner import device_overrides, read_scalars, validation_handler_index  # noqa: E402
 from tools.experiments import folds as folds_mod  # noqa: E402
 from tools.experiments import paired_stats, runner, tables  # noqa: E402
 from tools.fetch_demo_ct import DemoDataError  # noqa: E402
@@ -254,10 +254,28 @@ def run_finetune(args, runs: runner.Runs, run_id: str, fold: folds_mod.Fold, tas
                      inputs={"train": fold.train_images, "test": fold.test_images})
 
 
+def prediction_path(folder: str, image: str) -> str:
+    """The inference bundle's prediction of ``image``: exactly ``<folder>/<image stem>_seg.nii.gz``."""
+    path = os.path.join(folder, f"{folds_mod._stem(image)}_seg.nii.gz")
+    if not os.path.isfile(path):
+        there = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+        raise runner.ExperimentError(f"the inference wrote no {path} for {image} "
+                                     f"(found: {', '.join(there) or 'nothing'})")
+    return path
+
+
 def run_inference(args, runs: runner.Runs, run_id: str, fold: folds_mod.Fold, task: str, checkpoint: str) -> dict:
     """Segment the fold's test patients; result: ``{"patients": {id: metrics}}`` and the prediction paths."""
     import nibabel as nib
 
+    by_stem: dict[str, str] = {}
+    for image in fold.test_images:
+        other = by_stem.setdefault(folds_mod._stem(image), image)
+        if other != image:
+            raise runner.ExperimentError(
+                f"fold {fold.index}: the test images {other} and {image} share the file name "
+                f"'{folds_mod._stem(image)}', so their predictions would overwrite each other; rename one, or use "
+                "leave-one-out (no --folds) if they are different patients")
     overrides = inference_overrides(args, runs.run_dir(run_id), task, checkpoint)
 
     def collect(run_dir: str, log_path: str) -> dict:
@@ -265,8 +283,7 @@ def run_inference(args, runs: runner.Runs, run_id: str, fold: folds_mod.Fold, ta
         for patient in fold.test:
             per_entry = []
             for entry in patient.entries:
-                stem = folds_mod._stem(entry["image"])
-                pred_path = find_output(os.path.join(run_dir, "predictions"), stem, "_seg")
+                pred_path = prediction_path(os.path.join(run_dir, "predictions"), entry["image"])
                 truth_img, pred_img = nib.load(entry["label"]), nib.load(pred_path)
                 if not np.allclose(truth_img.affine, pred_img.affine, atol=1e-3):
                     raise runner.ExperimentError(
