@@ -6,7 +6,8 @@ after hours of caching or at step 30,000 costs far more than one read of every f
 - :func:`check_datalist`: the datalist (via :func:`hybridmim_components.data.load_datalist`: valid JSON, non-empty
   sections, entries with the required keys, every file present) and then every referenced file, read once in full
   (a truncated ``.nii.gz`` only fails when its voxels are decompressed): readable, 3D, the number of image channels
-  the network takes, finite voxels, labels among the bundle's classes and on the image's grid. It reports *every*
+  the network takes, finite voxels, labels among the bundle's classes and on the image's grid (same shape, and
+  voxel centres within :data:`GRID_TOLERANCE_MM` of the image's, by the two affines). It reports *every*
   culprit found, at most :data:`MAX_NAMED_PROBLEMS` named, in one :class:`DataCheckError`. Images smaller than the
   crop are accepted (the bundles pad them).
 - :func:`check_contrastive_batch`: warns when the dropout-contrastive term cannot learn anything (one crop per step
@@ -29,12 +30,15 @@ from hybridmim_components.flags import config_flag
 from hybridmim_components.data import load_datalist, resolve_datalist_path
 from hybridmim_components.distributed import rank_and_world_size
 
-__all__ = ["DataCheckError", "check_datalist", "check_volume_files", "check_contrastive_batch", "MAX_NAMED_PROBLEMS"]
+__all__ = ["DataCheckError", "check_datalist", "check_volume_files", "check_contrastive_batch", "MAX_NAMED_PROBLEMS",
+           "GRID_TOLERANCE_MM"]
 
 logger = logging.getLogger(__name__)
 
 #: How many culprits the error message names before it summarises the rest.
 MAX_NAMED_PROBLEMS = 20
+#: How far (mm) a label's voxel centres may lie from its image's (float noise of the writers; a voxel is ~1 mm).
+GRID_TOLERANCE_MM = 1e-3
 _NIBABEL_SUFFIXES = (".nii", ".nii.gz", ".img", ".hdr", ".img.gz", ".mgh", ".mgz")
 
 
@@ -119,19 +123,19 @@ def check_datalist(
 
 def check_volume_files(
     paths: str | Sequence[str], image_channels: int | None = None, allow_nonfinite: bool = False
-) -> tuple[list[str], tuple[int, ...] | None]:
+) -> tuple[list[str], tuple[str, tuple[int, ...], np.ndarray] | None]:
     """Read one image (one file, or a list of files stacked as channels) in full.
 
     Returns:
-        ``(problems, spatial_shape)``: what is wrong (empty when nothing), and the spatial shape (``None`` when a file
-        could not be read).
+        ``(problems, grid)``: what is wrong (empty when nothing), and ``(first file, spatial shape, 4x4 affine)``
+        (``None`` when a file could not be read).
     """
     files = [paths] if isinstance(paths, str) else list(paths)
     problems: list[str] = []
-    shapes, channels = [], 0
+    shapes, channels, first_affine = [], 0, None
     for path in files:
         try:
-            data = _read_voxels(path)
+            data, affine = _read_voxels(path)
         except Exception as e:  # nibabel/gzip/zlib/ITK raise many types for truncated or corrupt files
             problems.append(f"'{path}': cannot read the voxel data (truncated or corrupt file?): "
                             f"{type(e).__name__}: {e}")
@@ -141,6 +145,8 @@ def check_volume_files(
                             "(or 4D with the channels last)")
             continue
         shapes.append((path, tuple(data.shape[:3])))
+        if first_affine is None:
+            first_affine = affine
         channels += 1 if data.ndim == 3 else data.shape[3]
         if not allow_nonfinite and np.issubdtype(data.dtype, np.floating):
             bad = int(data.size - np.count_nonzero(np.isfinite(data)))
@@ -155,7 +161,7 @@ def check_volume_files(
         problems.append(f"{_short(paths)}: {channels} channel(s) from {len(files)} file(s); this bundle's network "
                         f"takes {image_channels} "
                         f"({'a list of the 4 modality files t1, t1ce, t2, flair' if image_channels == 4 else 'one 3D volume'})")
-    return problems, shapes[0][1]
+    return problems, (shapes[0][0], shapes[0][1], first_affine)
 
 
 def check_contrastive_batch(contrastive_weight: float, batch_size: int, samples_per_volume: int) -> bool:
@@ -184,20 +190,21 @@ def _check_entry(section: str, index: int, item: dict, read_keys: Sequence[str],
     """Problems of one datalist entry (each prefixed with where it is) and how many files were read."""
     where = f"'{section}' entry {index}"
     problems, files = [], 0
-    image_problems, image_shape = check_volume_files(item["image"], image_channels)
+    image_problems, image_grid = check_volume_files(item["image"], image_channels)
     files += 1 if isinstance(item["image"], str) else len(item["image"])
     problems += [f"{where} 'image' {p}" for p in image_problems]
     if "label" in read_keys and "label" in item:
         files += 1
-        problems += [f"{where} 'label' {p}" for p in _check_label(item["label"], image_shape, allowed)]
+        problems += [f"{where} 'label' {p}" for p in _check_label(item["label"], image_grid, allowed)]
     return problems, files
 
 
-def _check_label(path: Any, image_shape: tuple[int, ...] | None, allowed: list[int] | None) -> list[str]:
+def _check_label(path: Any, image_grid: tuple[str, tuple[int, ...], np.ndarray] | None,
+                 allowed: list[int] | None) -> list[str]:
     if not isinstance(path, str):
         return [f"{_short(path)}: a label must be one file, got a list of {len(path)}"]
     try:
-        data = _read_voxels(path)
+        data, affine = _read_voxels(path)
     except Exception as e:
         return [f"'{path}': cannot read the voxel data (truncated or corrupt file?): {type(e).__name__}: {e}"]
     if data.ndim == 4 and data.shape[3] == 1:
@@ -205,9 +212,18 @@ def _check_label(path: Any, image_shape: tuple[int, ...] | None, allowed: list[i
     if data.ndim != 3:
         return [f"'{path}': label of shape {data.shape}; expected one 3D label map"]
     problems = []
-    if image_shape is not None and tuple(data.shape) != tuple(image_shape):
-        problems.append(f"'{path}': label shape {tuple(data.shape)} differs from its image's {tuple(image_shape)}; "
-                        "expected a label on the image's voxel grid")
+    if image_grid is not None:
+        image, image_shape, image_affine = image_grid
+        if tuple(data.shape) != tuple(image_shape):
+            problems.append(f"'{path}': label shape {tuple(data.shape)} differs from its image's {tuple(image_shape)}; "
+                            "expected a label on the image's voxel grid")
+        else:
+            apart = _grid_distance(image_affine, affine, image_shape)
+            if apart > GRID_TOLERANCE_MM:
+                problems.append(
+                    f"'{path}': label affine {_rows(affine)} differs from the affine {_rows(image_affine)} of its "
+                    f"image '{image}' (voxel centres up to {apart:.3g} mm apart); expected the image's voxel grid "
+                    f"within {GRID_TOLERANCE_MM:g} mm")
     if allowed is not None:
         outside = ~np.isin(data, allowed)  # also catches NaN and non-integer values
         if outside.any():
@@ -218,16 +234,29 @@ def _check_label(path: Any, image_shape: tuple[int, ...] | None, allowed: list[i
     return problems
 
 
-def _read_voxels(path: str) -> np.ndarray:
-    """All voxels of a file as a numpy array (spatial axes first, channels last); raises when unreadable."""
+def _read_voxels(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """All voxels of a file (spatial axes first, channels last) and its 4x4 RAS affine; raises when unreadable."""
     if os.path.isfile(path) and path.lower().endswith(_NIBABEL_SUFFIXES):
         import nibabel as nib
 
+        image = nib.load(path)
         # dataobj applies the intensity scaling; np.asarray decompresses every byte (truncation fails here)
-        return np.asarray(nib.load(path).dataobj)
+        return np.asarray(image.dataobj), np.asarray(image.affine, dtype=np.float64)
     from monai.transforms import LoadImage
 
-    return np.asarray(LoadImage(image_only=True)(path))  # other formats / DICOM folders: what the bundle uses
+    image = LoadImage(image_only=True)(path)  # other formats / DICOM folders: what the bundle uses (RAS affine)
+    return np.asarray(image), np.asarray(image.affine, dtype=np.float64)
+
+
+def _grid_distance(a: np.ndarray, b: np.ndarray, shape: Sequence[int]) -> float:
+    """Largest distance (mm) between the positions the two affines give the corner voxels of ``shape``."""
+    corners = np.array(np.meshgrid(*[[0, n - 1] for n in shape[:3]], [1], indexing="ij")).reshape(4, -1)
+    return float(np.linalg.norm((a @ corners - b @ corners)[:3], axis=0).max())
+
+
+def _rows(affine: np.ndarray) -> str:
+    """The top 3 rows of an affine, rounded to 0.0001 mm: ``[[r00, r01, r02, t0], ...]``."""
+    return str([[round(float(v), 4) + 0.0 for v in row] for row in np.asarray(affine)[:3]])
 
 
 def _short(paths: Any) -> str:

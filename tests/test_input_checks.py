@@ -25,10 +25,13 @@ SIDE = 16  # voxels per side of the test volumes
 
 
 # --- writing test data ------------------------------------------------------------------------------------------
-def _save(path, array, dtype=None):
+AFFINE = np.diag([1.5, 1.5, 2.0, 1.0])  # the grid of every test volume unless a test says otherwise
+
+
+def _save(path, array, dtype=None, affine=AFFINE):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     array = np.asarray(array, dtype=dtype or array.dtype)
-    nib.save(nib.Nifti1Image(array, np.diag([1.5, 1.5, 2.0, 1.0])), path)
+    nib.save(nib.Nifti1Image(array, affine), path)
     return path
 
 
@@ -189,6 +192,37 @@ def test_label_on_another_grid(ct):
     _save(os.path.join(ct, "labelsTr", "c0.nii.gz"), _label(shape=(SIDE, SIDE, SIDE - 2)))
     with pytest.raises(DataCheckError, match=r"entry 0 'label'.*shape \(16, 16, 14\) differs from its image's"):
         _finetune_check(ct)
+
+
+def test_label_of_the_same_shape_on_a_shifted_grid(ct):
+    shifted = AFFINE.copy()
+    shifted[:3, 3] = [3.0, 0.0, 0.0]  # two voxels along x: same shape, another place in the patient
+    label = _save(os.path.join(ct, "labelsTr", "c1.nii.gz"), _label(), affine=shifted)
+    with pytest.raises(DataCheckError) as err:
+        _finetune_check(ct)
+    message = str(err.value)
+    assert "1 problem(s)" in message and "'training' entry 1 'label'" in message
+    assert f"'{label}'" in message and f"'{os.path.join(ct, 'imagesTr', 'c1.nii.gz')}'" in message
+    # both affines (their first row: 1.5 0 0 and the origins 0 / 3) and the distance of the voxel centres
+    assert "[1.5, 0.0, 0.0, 3.0]" in message and "[1.5, 0.0, 0.0, 0.0]" in message and "3 mm" in message
+
+
+def test_label_on_a_grid_with_another_spacing_or_axis_order(ct):
+    _save(os.path.join(ct, "labelsTr", "c0.nii.gz"), _label(), affine=np.diag([1.5, 1.5, 2.5, 1.0]))
+    swapped = np.array([[0, 1.5, 0, 0], [1.5, 0, 0, 0], [0, 0, 2.0, 0], [0, 0, 0, 1]])  # x and y exchanged
+    _save(os.path.join(ct, "labelsTr", "c2.nii.gz"), _label(), affine=swapped)
+    with pytest.raises(DataCheckError, match="2 problem") as err:
+        _finetune_check(ct)
+    assert "'training' entry 0 'label'" in str(err.value) and "'training' entry 2 'label'" in str(err.value)
+    # far corner (15, 15, 15): z 15 * 2.5 = 37.5 mm instead of 30 -> 7.5 mm apart
+    assert "7.5 mm" in str(err.value)
+
+
+def test_label_affine_within_the_tolerance_passes(ct):
+    nearly = AFFINE.copy()
+    nearly[:3, 3] = [2e-4, -2e-4, 1e-4]  # well under 0.001 mm (float noise of another writer)
+    _save(os.path.join(ct, "labelsTr", "c0.nii.gz"), _label(), affine=nearly)
+    assert _finetune_check(ct) == {"entries": 4, "files": 8}
 
 
 def test_one_file_for_a_four_modality_bundle(brats):
