@@ -96,6 +96,46 @@ def test_the_pool_of_a_fold_loses_its_test_patient_by_path_and_by_copy(tmp_path)
     assert copy_of_p1 not in [e["image"] for e in written_pool["training"]]
 
 
+def test_distinct_files_with_one_name_are_distinct_patients_unless_a_patient_key_joins_them(tmp_path):
+    entries = []
+    for i, folder in enumerate(("a", "b", "c")):  # three different scans, all called ct.nii.gz
+        entries.append({"image": _nifti(str(tmp_path / folder / "ct.nii.gz"), i),
+                        "label": _nifti(str(tmp_path / folder / "gtv.nii.gz"), 1)})
+    entries[2]["patient"] = "P"
+    entries.append({"image": _nifti(str(tmp_path / "d" / "ct.nii.gz"), 3),
+                    "label": _nifti(str(tmp_path / "d" / "gtv.nii.gz"), 1), "patient": "P"})
+    path = tmp_path / "task.json"
+    path.write_text(json.dumps({"training": entries}))
+    patients = folds.read_patients(str(path))
+    assert len(patients) == 3 and len({p.id for p in patients}) == 3  # a, b, and P (c + d)
+    by_image = {i: p.id for p in patients for i in p.images}
+    assert by_image[entries[0]["image"]] != by_image[entries[1]["image"]]
+    assert by_image[entries[2]["image"]] == by_image[entries[3]["image"]] == "P"
+    assert "a" in by_image[entries[0]["image"]] and "b" in by_image[entries[1]["image"]]  # ids say which file
+
+
+def test_the_same_scan_saved_as_nii_and_nii_gz_is_caught_by_voxels_and_affine(tmp_path):
+    task = _task(tmp_path, [("p0", None), ("p1", None), ("p2", None)])
+    patients = {p.id: p for p in folds.read_patients(task)}
+    as_nii = str(tmp_path / "pool" / "p1_resaved.nii")  # other bytes (uncompressed), same voxels and affine
+    os.makedirs(os.path.dirname(as_nii))
+    nib.save(nib.load(patients["p1"].images[0]), as_nii)
+    assert open(as_nii, "rb").read() != open(patients["p1"].images[0], "rb").read()
+    moved = nib.load(patients["p2"].images[0])  # same voxels, other affine: another scan
+    shifted = str(tmp_path / "pool" / "p2_shifted.nii.gz")
+    affine = moved.affine.copy()
+    affine[0, 3] += 5.0
+    nib.save(nib.Nifti1Image(np.asarray(moved.dataobj), affine), shifted)
+    fold_list = folds.build_folds(list(patients.values()), _pool(tmp_path, [as_nii, shifted]))
+    by_test = {f.test[0].id: f for f in fold_list}
+    assert by_test["p1"].pool_dropped == [as_nii]
+    assert by_test["p2"].pool_dropped == []
+    leaked = folds.Fold(0, [patients["p0"], folds.Patient("copy", [{"image": as_nii, "label": as_nii}])],
+                        [patients["p1"]], {"training": []}, [])
+    with pytest.raises(folds.FoldError, match="p1_resaved.nii"):
+        folds.check_no_leak(leaked)
+
+
 def test_check_no_leak_refuses_a_test_image_in_training_or_pool(tmp_path):
     task = _task(tmp_path, [("p0", None), ("p1", None)])
     by_id = {p.id: p for p in folds.read_patients(task)}
@@ -216,6 +256,15 @@ def test_a_prediction_is_found_by_its_exact_name_not_by_prefix(tmp_path, monkeyp
     result = _inference(tmp_path / "b", monkeypatch, ["pat_1", "pat_10", "pat_2"], ["pat_1", "pat_10"],
                         {"pat_10_seg.nii.gz": empty, "pat_1_seg.nii.gz": full})
     assert result["patients"]["pat_1"]["dice"] == 1.0 and result["patients"]["pat_10"]["dice"] == 0.0
+
+
+def test_two_test_scans_with_one_file_name_in_a_fold_are_refused_before_inference(tmp_path):
+    a = folds.Patient("a/ct.nii.gz", [{"image": _nifti(str(tmp_path / "a" / "ct.nii.gz"), 1), "label": "x"}])
+    b = folds.Patient("b/ct.nii.gz", [{"image": _nifti(str(tmp_path / "b" / "ct.nii.gz"), 2), "label": "y"}])
+    fold = folds.Fold(3, [], [a, b], {"training": []}, [])
+    args = patient_study.parse_args(["--small", "--out_dir", str(tmp_path / "out")])
+    with pytest.raises(patient_study.runner.ExperimentError, match="fold 3: .*a/ct.nii.gz and .*b/ct.nii.gz"):
+        patient_study.run_inference(args, patient_study.runner.Runs(str(tmp_path / "out")), "i", fold, "t.json", "c")
 
 
 # ------------------------------------------------------------------------------------------------ end to end

@@ -1,10 +1,12 @@
 """Patient-level folds for the patient study: who trains, who is tested, and what the pretraining pool may hold.
 
 A *patient* is one labelled case of the task datalist, or several when entries share a ``"patient"`` key (follow-up
-scans of one person must never sit on both sides of a split). Folds split patients, never entries. The pretraining
+scans of one person must never sit on both sides of a split); distinct image files without that key are distinct
+patients, even when their names are equal. Folds split patients, never entries. The pretraining
 pool of a fold must not contain any image of that fold's test patients: :func:`pool_for_fold` drops them, comparing
-files by path and, for copies, by size and SHA-256, and :func:`check_no_leak` refuses a fold where a test image
-reaches training or the pool.
+files by path, by SHA-256 for copies and by shape, affine and voxels for the same scan saved another way
+(:func:`tools.file_identity.same_image`), and :func:`check_no_leak` refuses a fold where a test image reaches
+training or the pool.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from hybridmim_components.data import load_datalist
-from tools.file_identity import same_file
+from tools.file_identity import same_image
 
 
 class FoldError(ValueError):
@@ -45,7 +47,8 @@ def _stem(path: str) -> str:
 def read_patients(task_datalist: str) -> list[Patient]:
     """The labelled patients of ``task_datalist`` (MSD form; ``training`` and ``validation`` with ``label``).
 
-    Entries are grouped by their ``"patient"`` key, else each is its own patient named after its image file. An
+    Entries are grouped by their ``"patient"`` key, else each is its own patient named after its image file (its path
+    from the images' common folder where names clash, e.g. ``a/ct.nii.gz`` and ``b/ct.nii.gz``). An
     image listed twice (training and validation) counts once; ``testing`` entries have no label and are ignored.
     """
     seen: dict[str, dict] = {}
@@ -58,14 +61,28 @@ def read_patients(task_datalist: str) -> list[Patient]:
                                 f"(got {entry['image']}).")
             seen.setdefault(os.path.realpath(entry["image"]), entry)
     patients: dict[str, Patient] = {}
-    for entry in seen.values():
-        pid = str(entry.get("patient") or _stem(entry["image"]))
+    for entry, pid in zip(seen.values(), _patient_ids(list(seen.values()))):
         patients.setdefault(pid, Patient(pid)).entries.append(
             {"image": entry["image"], "label": entry["label"]})
     if len(patients) < 2:
         raise FoldError(f"{task_datalist}: {len(patients)} labelled patient(s); a patient-level split needs at "
                         "least 2.")
     return list(patients.values())
+
+
+def _patient_ids(entries: list[dict]) -> list[str]:
+    """Each entry's patient id: its ``"patient"`` key, else its image's stem, else (stem taken) its relative path."""
+    keyed = [e.get("patient") not in (None, "") for e in entries]
+    taken = {str(e["patient"]) for e, k in zip(entries, keyed) if k}
+    stems = [_stem(e["image"]) for e in entries]
+    unkeyed = [e["image"] for e, k in zip(entries, keyed) if not k]
+    root = os.path.commonpath([os.path.dirname(i) for i in unkeyed]) if unkeyed else ""
+    ids = []
+    for entry, stem, k in zip(entries, stems, keyed):
+        clash = stem in taken or sum(1 for s, kk in zip(stems, keyed) if s == stem and not kk) > 1
+        ids.append(str(entry["patient"]) if k else
+                   os.path.relpath(entry["image"], root).replace(os.sep, "/") if clash else stem)
+    return ids
 
 
 def make_folds(patient_ids: Sequence[str], k: int | None = None, seed: int = 0) -> list[list[str]]:
@@ -102,7 +119,7 @@ def pool_for_fold(pool: dict[str, list[dict]], test_images: Sequence[str]) -> tu
     for section, entries in pool.items():
         kept[section] = []
         for entry in entries:
-            hits = [p for p in _pool_images(entry) if any(same_file(p, t) for t in test_images)]
+            hits = [p for p in _pool_images(entry) if any(same_image(p, t) for t in test_images)]
             (dropped.extend(hits) if hits else kept[section].append(entry))
     return kept, dropped
 
@@ -164,7 +181,7 @@ def check_no_leak(fold: Fold) -> None:
     pool_images = [p for entries in fold.pool.values() for e in entries for p in _pool_images(e)]
     for test_image in fold.test_images:
         for where, images in (("training", fold.train_images), ("pretraining pool", pool_images)):
-            hits = [i for i in images if same_file(i, test_image)]
+            hits = [i for i in images if same_image(i, test_image)]
             if hits:
                 raise FoldError(f"fold {fold.index}: the test image {test_image} is also in the {where} "
                                 f"({hits[0]}); a test patient must never be trained on.")
