@@ -236,7 +236,7 @@ def test_alternative_roi_names(case):
     assert summary["voxels"] == {"GTV-1": GTV_COUNT}
 
 
-def test_oblique_orientation_and_anisotropic_pixels(tmp_path):
+def test_permuted_axes_and_anisotropic_pixels(tmp_path):
     """Rows run along +y, columns along +x, so the normal is -z: slices sort along the normal, not along z."""
     orientation = (0.0, 1.0, 0.0, 1.0, 0.0, 0.0)
     series = make_ct_series(str(tmp_path / "ct"), orientation=orientation, pixel_spacing=(1.5, 2.5),
@@ -256,6 +256,75 @@ def test_oblique_orientation_and_anisotropic_pixels(tmp_path):
     expected = np.zeros_like(label)
     expected[3:11, 4:9, 2:6] = 1
     np.testing.assert_array_equal(label, expected)
+
+
+def _one_roi_label(tmp_path, contours, series=None, name="ROI"):
+    """The label of the one ROI ``name`` made of ``contours`` ([(slice, points), ...]) on the standard series."""
+    series = series or make_ct_series(str(tmp_path / "ct"))
+    rs = make_rtstruct(tmp_path / "rs.dcm", series, {name: contours})
+    summary = rt.convert(str(tmp_path / "ct"), rs, [name], str(tmp_path / "i.nii.gz"), str(tmp_path / "l.nii.gz"))
+    label, _ = _load(tmp_path / "l.nii.gz")
+    assert summary["voxels"] == {name: int(label.sum())}
+    return label
+
+
+def test_abutting_contours_of_one_roi_are_their_union_with_the_shared_edge(tmp_path):
+    """Two rectangles sharing the edge at column 6 (pixel centres on it): the union, column 6 kept (not XOR-ed out)."""
+    series = make_ct_series(str(tmp_path / "ct"))
+    left = rectangle(series, 3, (2.0, 6.0), (3.6, 7.4))  # columns 2..6 (both edges on centres) x rows 4..7
+    right = rectangle(series, 3, (6.0, 10.0), (3.6, 7.4))  # columns 6..10 x rows 4..7
+    label = _one_roi_label(tmp_path, [(3, left), (3, right)], series)
+    expected = np.zeros((COLS, ROWS, SLICES), np.uint8)
+    expected[2:11, 4:8, 3] = 1  # columns 2..10 (9) x rows 4..7 (4) = 36 voxels
+    np.testing.assert_array_equal(label, expected)
+    assert int(label.sum()) == 9 * 4
+
+
+def test_duplicated_contour_is_not_a_hole(tmp_path):
+    series = make_ct_series(str(tmp_path / "ct"))
+    box = rectangle(series, 4, GTV_COLS, GTV_ROWS)  # columns 3..10 x rows 4..8
+    label = _one_roi_label(tmp_path, [(4, box), (4, box.copy())], series)
+    assert int(label.sum()) == 8 * 5 and label[3:11, 4:9, 4].all()
+
+
+def test_holes_are_contours_strictly_inside_another_and_keep_their_edge_pixels(tmp_path):
+    series = make_ct_series(str(tmp_path / "ct"))
+    outer = rectangle(series, 6, (1.7, 11.2), (1.9, 9.4))  # columns 2..11 x rows 2..9: 80
+    # a hole whose edges run through pixel centres (columns 5..7, rows 4..6): only the centre (6, 5) is strictly
+    # inside it; the 8 pixels on its edge are on the structure's inner boundary and stay in
+    hole = rectangle(series, 6, (5.0, 7.0), (4.0, 6.0))
+    label = _one_roi_label(tmp_path, [(6, outer), (6, hole)], series)
+    assert int(label.sum()) == 80 - 1 and label[6, 5, 6] == 0 and label[5, 4, 6] == 1 and label[7, 6, 6] == 1
+    # an island inside a hole inside the outline (depth 2) is filled again: 80 - 9 + 1
+    (tmp_path / "rs.dcm").unlink()
+    hole = rectangle(series, 6, (4.6, 7.4), (3.5, 6.5))  # columns 5..7 x rows 4..6
+    island = rectangle(series, 6, (5.6, 6.4), (4.6, 5.4))  # column 6, row 5
+    label = _one_roi_label(tmp_path, [(6, island), (6, outer), (6, hole)], series)
+    assert int(label.sum()) == 80 - 9 + 1 and label[6, 5, 6] == 1 and label[5, 5, 6] == 0
+
+
+@pytest.mark.parametrize("tilt", ["about_z", "about_x"])
+def test_truly_oblique_series_rotated_10_degrees(tmp_path, tilt):
+    """Direction cosines not along the axes (10 degrees): the affine carries them, the label follows the voxels."""
+    c, s = np.cos(np.radians(10)), np.sin(np.radians(10))
+    orientation = {"about_z": (c, s, 0.0, -s, c, 0.0), "about_x": (1.0, 0.0, 0.0, 0.0, c, s)}[tilt]
+    normal = {"about_z": np.array([0.0, 0.0, 1.0]), "about_x": np.array([0.0, -s, c])}[tilt]
+    series = make_ct_series(str(tmp_path / "ct"), orientation=orientation)
+    label = _one_roi_label(tmp_path, [(k, rectangle(series, k, GTV_COLS, GTV_ROWS)) for k in GTV_SLICES], series)
+    expected = np.zeros_like(label)
+    expected[3:11, 4:9, 2:6] = 1  # the rectangles span columns 3..10, rows 4..8 of slices 2..5 in the rotated grid
+    np.testing.assert_array_equal(label, expected)
+    image, affine = _load(tmp_path / "i.nii.gz")
+    # voxel (i, j, k) at ORIGIN + 2 i row + 2 j column + 3 k normal (LPS); RAS negates x and y
+    row, col = np.array(orientation[:3]), np.array(orientation[3:])
+    for i, j, k in [(0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1), (5, 3, 7)]:
+        lps = np.array(ORIGIN) + 2.0 * i * row + 2.0 * j * col + 3.0 * k * normal
+        np.testing.assert_allclose(affine @ [i, j, k, 1], [-lps[0], -lps[1], lps[2], 1], atol=1e-5)
+    from monai.transforms import LoadImage
+
+    itk_image = LoadImage(reader="ITKReader", image_only=True)(str(tmp_path / "ct"))
+    np.testing.assert_allclose(np.asarray(itk_image.affine), affine, atol=1e-4)
+    np.testing.assert_array_equal(np.asarray(itk_image), image)
 
 
 def test_geometry_agrees_with_itk_dicom_reader(case):

@@ -10,12 +10,17 @@ outlined structures (ROIs) as closed polygons in patient millimetres. This tool 
   NIfTI world space is RAS, so the affine written is ``diag(-1, -1, 1, 1) @ affine_LPS``.
 * the label: the ROIs named with ``--roi`` get the values 1..K in the order given (where they overlap the later one
   wins, so name an enclosing structure before what lies inside it), or one binary label with ``--merge``. A voxel is
-  inside a contour when its centre is inside or on the polygon; several contours of one ROI on the same slice are
-  combined by XOR (even-odd), which is how RTSTRUCTs encode holes.
+  inside a contour when its centre is inside or on the polygon. Several contours of one ROI on the same slice: a
+  contour lying strictly inside another (every point inside it, none on it) is a hole in it (its inside is cleared,
+  the voxels on it stay), an island in a hole is filled again, and all others are united, so abutting or duplicated
+  contours never cancel (plain XOR would drop their shared edge, or the whole duplicated contour).
+* any orientation: the contours are mapped into the series' own voxel grid, so oblique series (direction cosines off
+  the axes) are rasterised in their own slice planes.
 
-Rasteriser: ``skimage.draw.polygon`` (scikit-image, maintained, its dependencies numpy/scipy/pillow already come with
-this project). rt-utils was not taken: it pulls in OpenCV (~60 MB), has had no release since 2023, and loads the
-series itself, which would leave the geometry and the error messages to it.
+Rasteriser: ``skimage.draw.polygon`` for the interior (scikit-image, maintained, its dependencies numpy/scipy/pillow
+already come with this project), plus the voxels whose centre lies on an edge (within 0.001 voxel). rt-utils was not
+taken: it pulls in OpenCV (~60 MB), has had no release since 2023, and loads the series itself, which would leave the
+geometry and the error messages to it.
 
 Checks, each failing with the culprit named: the ROI name (the names present are listed), the RTSTRUCT's referenced
 series (``ReferencedSeriesInstanceUID``) and the images its contours reference (``ReferencedSOPInstanceUID``)
@@ -386,20 +391,19 @@ def rasterise_roi(contours: Sequence[Contour], series: CTSeries, roi_name: str =
                   source: str = "") -> np.ndarray:
     """Boolean ``(X, Y, Z)`` mask of an ROI's closed planar contours in ``series``' voxel grid.
 
-    Points go to continuous voxel coordinates through ``inverse(affine_lps)``; each contour is filled on its slice
-    (pixel centres inside or on the polygon, ``skimage.draw.polygon``) and XOR-ed into that slice (holes).
+    Points go to continuous voxel coordinates through ``inverse(affine_lps)`` (any orientation, oblique included);
+    each slice's contours are combined by :func:`_fill_slice` (union, holes by containment).
 
     Raises:
         DicomConversionError: a contour off the slice planes, not planar, open, or (unless ``clip``) with points
             beyond the outer voxel edges of the image (how far, in mm, is said).
     """
-    from skimage.draw import polygon
-
     shape = series.shape
     mask = np.zeros(shape, dtype=bool)
     to_voxel = np.linalg.inv(series.affine_lps)
     spacing = np.array(series.spacing)
     where = f"RTSTRUCT '{source}', " if source else ""
+    by_slice: dict[int, list[np.ndarray]] = {}
     for contour in contours:
         kind = contour.geometric_type.upper()
         if kind == "POINT" or len(contour.points) == 0:
@@ -431,11 +435,75 @@ def rasterise_roi(contours: Sequence[Contour], series: CTSeries, roi_name: str =
             if not 0 <= k < shape[2]:
                 warnings.warn(f"ROI '{roi_name}': a contour off the image (slice {int(k)}) was left out (clip).")
                 continue
-        rr, cc = polygon(ijk[:, 0], ijk[:, 1], shape=shape[:2])
-        piece = np.zeros(shape[:2], dtype=bool)
-        piece[rr, cc] = True
-        mask[:, :, int(k)] ^= piece
+        by_slice.setdefault(int(k), []).append(ijk[:, :2])
+    for k, polygons in by_slice.items():
+        mask[:, :, k] = _fill_slice(polygons, shape[:2])
     return mask
+
+
+def _fill_slice(polygons: Sequence[np.ndarray], shape: tuple[int, int]) -> np.ndarray:
+    """One slice of an ROI from its contours ``(N, 2)`` in (column, row) voxel coordinates.
+
+    Rule: a contour whose every point lies strictly inside another contour (not on it) is nested in it; its depth is
+    how many contours it is nested in. Even depth fills the pixels whose centre is inside or on it (union, so abutting
+    or duplicated contours add up); odd depth is a hole and clears the pixels strictly inside it (pixels on a hole's
+    contour are on the structure's inner boundary and stay in). Shallower contours first, so an island in a hole is
+    filled again.
+    """
+    depth = [sum(_strictly_inside(a, b) for j, b in enumerate(polygons) if j != i) for i, a in enumerate(polygons)]
+    out = np.zeros(shape, dtype=bool)
+    for d, poly in sorted(zip(depth, polygons), key=lambda t: t[0]):
+        closed, strict = _pixels_of(poly, shape)
+        if d % 2 == 0:
+            out |= closed
+        else:
+            out &= ~strict
+    return out
+
+
+def _inside(poly: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """Even-odd test of ``points`` ``(M, 2)`` against the closed polygon ``poly`` ``(N, 2)`` (edges undecided)."""
+    a, b = poly, np.roll(poly, -1, axis=0)
+    x, y = points[:, :1], points[:, 1:]
+    crosses = (a[:, 1] > y) != (b[:, 1] > y)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        at = a[:, 0] + (y - a[:, 1]) * (b[:, 0] - a[:, 0]) / (b[:, 1] - a[:, 1])
+    return (np.count_nonzero(crosses & (x < at), axis=1) % 2) == 1
+
+
+def _on_edges(poly: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """Whether each point ``(M, 2)`` lies within ``_EPS_VOXELS`` of an edge of the closed polygon ``poly``."""
+    on = np.zeros(len(points), dtype=bool)
+    for a, b in zip(poly, np.roll(poly, -1, axis=0)):
+        ab = b - a
+        t = np.clip((points - a) @ ab / max(float(ab @ ab), 1e-12), 0.0, 1.0)
+        on |= np.linalg.norm(points - (a + t[:, None] * ab), axis=1) <= _EPS_VOXELS
+    return on
+
+
+def _strictly_inside(inner: np.ndarray, outer: np.ndarray) -> bool:
+    if np.any(inner.min(axis=0) < outer.min(axis=0)) or np.any(inner.max(axis=0) > outer.max(axis=0)):
+        return False  # not even inside its bounding box
+    return bool(np.all(_inside(outer, inner) & ~_on_edges(outer, inner)))
+
+
+def _pixels_of(poly: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """``(inside or on, strictly inside)`` pixel masks of one polygon (pixel centres at integer coordinates)."""
+    from skimage.draw import polygon
+
+    inside = np.zeros(shape, dtype=bool)
+    inside[polygon(poly[:, 0], poly[:, 1], shape=shape)] = True
+    on = np.zeros(shape, dtype=bool)
+    for a, b in zip(poly, np.roll(poly, -1, axis=0)):  # centres on an edge: only each edge's bounding box is tested
+        lo = np.maximum(np.ceil(np.minimum(a, b) - _EPS_VOXELS), 0).astype(int)
+        hi = np.minimum(np.floor(np.maximum(a, b) + _EPS_VOXELS), np.array(shape) - 1).astype(int)
+        if np.any(hi < lo):
+            continue
+        i, j = np.meshgrid(np.arange(lo[0], hi[0] + 1), np.arange(lo[1], hi[1] + 1), indexing="ij")
+        centres = np.c_[i.ravel(), j.ravel()].astype(float)
+        hit = _on_edges(np.array([a, b]), centres)
+        on[i.ravel()[hit], j.ravel()[hit]] = True
+    return inside | on, inside & ~on
 
 
 def label_volume(structure: StructureSet, series: CTSeries, rois: Sequence[str], merge: bool = False,
