@@ -192,14 +192,79 @@ def test_monte_carlo_bootstrap_above_the_exact_limit_is_seeded_and_inside_the_da
     assert d.min() < a["low"] < a["mean"] < a["high"] < d.max()
 
 
-def test_verdict_states_the_sign_plainly():
-    helped = paired_stats.verdict({"mean": 0.1, "low": 0.02, "high": 0.2}, "Dice", True)
-    assert helped.startswith("pretraining helped")
-    hurt = paired_stats.verdict({"mean": -0.1, "low": -0.2, "high": -0.01}, "Dice", True)
+def test_exact_sign_flip_p_values_of_hand_computable_cases():
+    # 4 differences of one sign: only "all +" and "all -" reach |sum| = 1.0 of the 16 sign flips: p = 2/16
+    t = paired_stats.sign_flip_test([0.1, 0.2, 0.3, 0.4])
+    assert t["p"] == pytest.approx(2 / 16) and t["min_p"] == pytest.approx(2 / 16) and t["method"] == "exact"
+    # (1, -1, 2, 3): |sum| = 5; of the 16 sums +-1 +-1 +-2 +-3 only 7, 5, 5 and their negatives reach 5: p = 6/16
+    assert paired_stats.sign_flip_test([1.0, -1.0, 2.0, 3.0])["p"] == pytest.approx(6 / 16)
+    # 6 of one sign: 2/64
+    six = paired_stats.sign_flip_test([0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
+    assert six["p"] == pytest.approx(2 / 64) and six["min_p"] == pytest.approx(2 / 64) and six["n"] == 6
+    # all zero: every flip is as extreme, p = 1
+    assert paired_stats.sign_flip_test([0.0, 0.0, 0.0])["p"] == 1.0
+
+
+def test_monte_carlo_sign_flip_above_the_exact_limit_is_seeded():
+    n = paired_stats.SIGN_FLIP_EXACT_MAX_N + 4
+    d = np.linspace(0.1, 0.5, n)
+    a = paired_stats.sign_flip_test(d, seed=3)
+    assert a == paired_stats.sign_flip_test(d, seed=3) and a["method"].startswith("monte carlo")
+    assert a["min_p"] == pytest.approx(2 / 2 ** n)
+    assert a["p"] < 0.01  # every difference positive: almost no flip reaches the observed sum
+    balanced = paired_stats.sign_flip_test(np.r_[d, -d], seed=3)  # mean exactly 0: p = 1
+    assert balanced["p"] == 1.0
+
+
+def test_verdict_says_helped_or_hurt_only_when_interval_and_sign_flip_agree():
+    same_sign = [0.1, 0.2, 0.3, 0.4]
+    ci = paired_stats.paired_bootstrap_ci(same_sign)
+    assert ci["low"] > 0  # the percentile interval excludes 0 ...
+    four = paired_stats.verdict(ci, paired_stats.sign_flip_test(same_sign), "Dice", True)
+    assert four.startswith("no clear difference") and "0.125" in four  # ... but p = 2/16 cannot reach 5 %
+    six = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
+    helped = paired_stats.verdict(paired_stats.paired_bootstrap_ci(six), paired_stats.sign_flip_test(six), "Dice",
+                                  True)
+    assert helped.startswith("pretraining helped") and "0.031" in helped
+    worse = [-x for x in six]
+    hurt = paired_stats.verdict(paired_stats.paired_bootstrap_ci(worse), paired_stats.sign_flip_test(worse), "Dice",
+                                True)
     assert hurt.startswith("pretraining hurt")
-    assert paired_stats.verdict({"mean": 5.0, "low": 1.0, "high": 9.0}, "HD95", False).startswith("pretraining hurt")
-    unclear = paired_stats.verdict({"mean": -0.05, "low": -0.2, "high": 0.1}, "Dice", True)
+    hd = paired_stats.verdict(paired_stats.paired_bootstrap_ci(six), paired_stats.sign_flip_test(six), "HD95", False)
+    assert hd.startswith("pretraining hurt")  # higher HD95 is worse
+    mixed = [0.2, -0.1, 0.05, -0.3]
+    unclear = paired_stats.verdict(paired_stats.paired_bootstrap_ci(mixed), paired_stats.sign_flip_test(mixed), "Dice",
+                                   True)
     assert unclear.startswith("no clear difference") and "lower on average" in unclear
+
+
+def test_the_report_writes_p_and_the_smallest_p_beside_the_interval(tmp_path):
+    diffs = {"dice": {"a": 0.1, "b": 0.2, "c": 0.3, "d": 0.4}, "hd95_mm": {"a": 1.0, "b": -1.0, "c": 2.0, "d": 3.0}}
+    rows = patient_study.paired_results(diffs, "label")
+    dice, hd = rows
+    assert dice["mean"] == pytest.approx(0.25) and dice["ci_low"] > 0  # interval excludes 0 ...
+    assert dice["sign_flip_p"] == pytest.approx(2 / 16) and dice["sign_flip_min_p"] == pytest.approx(2 / 16)
+    assert dice["verdict"].startswith("no clear difference")  # ... the test cannot reach 5 % with 4 patients
+    assert hd["sign_flip_p"] == pytest.approx(6 / 16)
+    table = patient_study.paired_table(rows)
+    assert "sign-flip p" in table and "smallest possible p" in table and "| 0.125 | 0.125 |" in table
+    path = patient_study.tables.write_csv(str(tmp_path / "paired.csv"), rows, patient_study.PAIRED_COLUMNS)
+    written = _read_csv(path)
+    assert [r["metric"] for r in written] == ["dice", "hd95_mm"]
+    assert float(written[0]["sign_flip_p"]) == pytest.approx(0.125)
+    assert float(written[1]["sign_flip_min_p"]) == pytest.approx(0.125)
+
+
+def test_the_committed_reports_verdict_follows_from_its_own_per_patient_numbers():
+    # Dice differences of docs/experiments/patient_study: +0.041, -0.042, +0.016, +0.027, |sum| 0.042. In
+    # thousandths, with +41 fixed (the other half is the negation): 41 +-42 +-16 +-27 = 126, 72, 94, 40, 42, -12, 10,
+    # -44; |sum| >= 42 for 126, 72, 94, 42 and -44: 5 of 8, so 10 of 16: p = 0.625
+    d = [0.041, -0.042, 0.016, 0.027]
+    assert paired_stats.sign_flip_test(d)["p"] == pytest.approx(10 / 16)
+    md = open(os.path.join(os.path.dirname(__file__), "..", "docs", "experiments", "patient_study",
+                           "patient_study.md"), encoding="utf-8").read()
+    dice_row = next(line for line in md.splitlines() if line.startswith("| Dice (higher is better)"))
+    assert "| 0.625 | 0.125 | no clear difference" in dice_row and "pretraining helped" not in md
 
 
 # ----------------------------------------------------------------------------------------------------- metrics
@@ -317,7 +382,9 @@ def test_small_preset_end_to_end_with_a_leaking_pool_and_resume(tmp_path, capsys
     summary = _read_csv(out / "patient_study.csv")
     assert len(summary) == 6 and all(r["provenance"].startswith("small preset") for r in summary)
     md = (out / "patient_study.md").read_text()
-    assert "95 % bootstrap interval" in md and ("pretraining helped" in md or "pretraining hurt" in md
+    paired = _read_csv(out / "patient_study_paired.csv")
+    assert [r["n_patients"] for r in paired] == ["3", "3"] and float(paired[0]["sign_flip_min_p"]) == 0.25
+    assert "95 % bootstrap interval" in md and "sign-flip p" in md and ("pretraining helped" in md or "pretraining hurt" in md
                                                 or "no clear difference" in md)
     for png in ("patient_study_dice.png", "patient_study_overlay.png"):
         assert (out / png).read_bytes()[:8] == PNG_SIGNATURE

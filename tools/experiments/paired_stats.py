@@ -5,6 +5,9 @@
 * :func:`paired_bootstrap_ci`: the mean per-patient difference between two arms and its percentile bootstrap
   interval, resampling patients. With few patients (≤ :data:`EXACT_MAX_N`) every resample is enumerated with its
   multinomial probability, so the interval is exact and needs no random numbers; above, ``n_resamples`` seeded draws.
+* :func:`sign_flip_test`: the two-sided paired sign-flip (permutation) p-value of the mean difference, exact up to
+  :data:`SIGN_FLIP_EXACT_MAX_N` patients; its smallest possible value is 2 / 2^n (0.125 with 4 patients).
+* :func:`verdict`: "helped" or "hurt" only when the interval excludes 0 and p < 0.05.
 """
 from __future__ import annotations
 
@@ -16,6 +19,10 @@ import numpy as np
 
 #: up to this many patients the bootstrap distribution is enumerated exactly (C(2n-1, n) resamples: 92378 at 10)
 EXACT_MAX_N = 10
+#: up to this many patients the sign-flip test enumerates all 2^n sign patterns
+SIGN_FLIP_EXACT_MAX_N = 16
+#: the significance level of :func:`verdict`
+ALPHA = 0.05
 
 
 def segmentation_metrics(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float]) -> dict:
@@ -90,16 +97,46 @@ def paired_bootstrap_ci(differences: Sequence[float], level: float = 0.95, n_res
             "high": _quantile_from_distribution(values, probs, 1.0 - alpha), "n": n, "method": method}
 
 
-def verdict(ci: dict, metric: str, higher_is_better: bool) -> str:
-    """The sign of the difference (pretrained − scratch) in plain words, from its interval."""
-    low, high = ci["low"], ci["high"]
-    better, worse = ("higher", "lower") if higher_is_better else ("lower", "higher")
-    if low > 0 or high < 0:
+def sign_flip_test(differences: Sequence[float], n_resamples: int = 100000, seed: int = 0) -> dict:
+    """Two-sided paired sign-flip test of ``mean(differences) = 0``.
+
+    p = the share of sign patterns (each difference kept or negated) whose |sum| reaches the observed |sum|; all
+    2^n patterns up to :data:`SIGN_FLIP_EXACT_MAX_N` patients, else ``n_resamples`` seeded draws
+    ((1 + hits) / (1 + draws)). Returns ``{"p", "min_p", "n", "method"}``; ``min_p`` = 2 / 2^n, the smallest p
+    that ``n`` patients allow.
+    """
+    d = np.asarray([float(x) for x in differences], dtype=np.float64)
+    n = len(d)
+    if n == 0:
+        raise ValueError("no paired differences: the sign-flip test needs at least one patient")
+    if not np.all(np.isfinite(d)):
+        raise ValueError(f"paired differences must be finite, got {d.tolist()}")
+    observed = abs(d.sum())
+    tol = 1e-9 * max(1.0, float(np.abs(d).sum()))  # the observed pattern itself must count, despite rounding
+    if n <= SIGN_FLIP_EXACT_MAX_N:
+        bits = (np.arange(2 ** n)[:, None] >> np.arange(n)) & 1
+        sums = np.abs((1 - 2 * bits) @ d)
+        p, method = float(np.mean(sums >= observed - tol)), "exact"
+    else:
+        signs = np.random.default_rng(seed).choice([-1.0, 1.0], size=(n_resamples, n))
+        hits = int(np.sum(np.abs(signs @ d) >= observed - tol))
+        p, method = (1 + hits) / (1 + n_resamples), f"monte carlo ({n_resamples}, seed {seed})"
+    return {"p": min(1.0, p), "min_p": min(1.0, 2.0 / 2.0 ** n), "n": n, "method": method}
+
+
+def verdict(ci: dict, test: dict, metric: str, higher_is_better: bool) -> str:
+    """The sign of the difference (pretrained − scratch) in plain words: "helped"/"hurt" only when the interval
+    ``ci`` excludes 0 and the sign-flip ``test`` gives p < :data:`ALPHA`."""
+    low, high, p, min_p = ci["low"], ci["high"], test["p"], test["min_p"]
+    interval = f"the 95 % interval [{low:+.3f}, {high:+.3f}]"
+    excludes = low > 0 or high < 0
+    p_text = f"sign-flip p = {p:.3f} (the smallest possible with {test['n']} patients: {min_p:.3f})"
+    if excludes and p < ALPHA:
         helped = (low > 0) == higher_is_better
-        word = "helped" if helped else "hurt"
-        side = better if helped else worse
-        return (f"pretraining {word}: {metric} was {side} with the HybridMIM weights, and the 95 % interval "
-                f"[{low:+.3f}, {high:+.3f}] excludes 0")
+        better, worse = ("higher", "lower") if higher_is_better else ("lower", "higher")
+        return (f"pretraining {'helped' if helped else 'hurt'}: {metric} was {better if helped else worse} with the "
+                f"HybridMIM weights; {interval} excludes 0 and {p_text}")
     sign = "higher" if ci["mean"] > 0 else "lower" if ci["mean"] < 0 else "equal"
-    return (f"no clear difference: {metric} was {sign} on average with the HybridMIM weights "
-            f"({ci['mean']:+.3f}), but the 95 % interval [{low:+.3f}, {high:+.3f}] contains 0")
+    why = (f"{interval} {'excludes' if excludes else 'contains'} 0 and {p_text} "
+           f"{'is not below' if p >= ALPHA else 'is below'} {ALPHA:g}")
+    return f"no clear difference: {metric} was {sign} on average with the HybridMIM weights ({ci['mean']:+.3f}); {why}"

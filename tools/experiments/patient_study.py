@@ -7,7 +7,8 @@
    selected on the test patient). Sliding-window inference on the held-out patient in its original geometry
    (``inference.json``: resampled, segmented, inverted back); Dice and HD95 per patient, arm and seed.
 3. Report: per-arm mean ± std, the paired per-patient difference (pretrained − scratch, seed-averaged) with an exact
-   bootstrap 95 % interval over patients, a CSV, a Markdown table, a PNG of per-patient Dice for both arms and a PNG
+   bootstrap 95 % interval over patients and the exact sign-flip p-value (with the smallest p the number of
+   patients allows), CSVs, a Markdown table, a PNG of per-patient Dice for both arms and a PNG
    of CT, GTV and both predictions on each held-out patient's central tumour slice.
 
 A test patient never reaches training or the pretraining pool (:mod:`tools.experiments.folds` checks files by path
@@ -67,6 +68,8 @@ PRESETS = {
 }
 RUN_COLUMNS = ["fold", "patient", "arm", "seed", "dice", "hd95_mm", "empty", "pred_voxels", "truth_voxels",
                "finetune_steps", "finetune_step_s", "finetune_wall_s", "infer_wall_s", "provenance"]
+PAIRED_COLUMNS = ["metric", "mean", "ci_low", "ci_high", "ci_method", "sign_flip_p", "sign_flip_min_p",
+                  "sign_flip_method", "n_patients", "verdict", "provenance"]
 PATIENT_COLUMNS = ["patient", "arm", "n", "dice_mean", "dice_std", "hd95_mm_mean", "hd95_mm_std", "provenance"]
 
 
@@ -384,6 +387,30 @@ def paired_differences(summary: list[dict], metric: str) -> dict[str, float]:
             if (p, "pretrained") in by and (p, "scratch") in by}
 
 
+def paired_results(diffs: dict[str, dict[str, float]], label: str) -> list[dict]:
+    """Per metric: mean paired difference, bootstrap interval, sign-flip p (and the smallest possible), verdict."""
+    out = []
+    for metric, name, higher in (("dice", "Dice", True), ("hd95_mm", "HD95", False)):
+        d = list(diffs[metric].values())
+        ci, test = paired_stats.paired_bootstrap_ci(d), paired_stats.sign_flip_test(d)
+        out.append({"metric": metric, "mean": ci["mean"], "ci_low": ci["low"], "ci_high": ci["high"],
+                    "ci_method": ci["method"], "sign_flip_p": test["p"], "sign_flip_min_p": test["min_p"],
+                    "sign_flip_method": test["method"], "n_patients": ci["n"],
+                    "verdict": paired_stats.verdict(ci, test, name, higher), "provenance": label})
+    return out
+
+
+def paired_table(paired_rows: list[dict]) -> str:
+    """The Markdown table of :func:`paired_results`."""
+    names = {"dice": ("Dice (higher is better)", 3), "hd95_mm": ("HD95 in mm (lower is better)", 1)}
+    return tables.markdown_table(
+        ["paired difference, pretrained − scratch", "mean over patients", "95 % bootstrap interval",
+         "sign-flip p (two-sided)", "smallest possible p", "verdict"],
+        [[names[r["metric"]][0], f"{r['mean']:+.{names[r['metric']][1]}f}",
+          f"[{r['ci_low']:+.{names[r['metric']][1]}f}, {r['ci_high']:+.{names[r['metric']][1]}f}]",
+          f"{r['sign_flip_p']:.3f}", f"{r['sign_flip_min_p']:.3f}", r["verdict"]] for r in paired_rows])
+
+
 def natural_key(text: str) -> list:
     """``pat_2`` before ``pat_10``."""
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
@@ -401,9 +428,7 @@ def report(args, runs, rows, pretrainings, fold_list, label, layout, data_s, tot
     arms = tables.aggregate(rows, ["arm"], "dice")
     arms_hd = {r["arm"]: r for r in tables.aggregate(rows, ["arm"], "hd95_mm")}
     diffs = {m: paired_differences(summary, m) for m in ("dice", "hd95_mm")}
-    cis = {m: paired_stats.paired_bootstrap_ci(list(d.values())) for m, d in diffs.items()}
-    verdicts = {"dice": paired_stats.verdict(cis["dice"], "Dice", True),
-                "hd95_mm": paired_stats.verdict(cis["hd95_mm"], "HD95", False)}
+    paired_rows = paired_results(diffs, label)
 
     by = {(r["patient"], r["arm"]): r for r in summary}
     patient_ids = sorted(dict.fromkeys(r["patient"] for r in rows), key=natural_key)
@@ -421,19 +446,18 @@ def report(args, runs, rows, pretrainings, fold_list, label, layout, data_s, tot
         [[ARMS[r["arm"]], r["n"], _fmt(r["dice_mean"], r["dice_std"]),
           _fmt(arms_hd[r["arm"]]["hd95_mm_mean"], arms_hd[r["arm"]]["hd95_mm_std"], 1), empty[r["arm"]]]
          for r in arms])
-    paired = tables.markdown_table(
-        ["paired difference, pretrained − scratch", "mean over patients", "95 % bootstrap interval", "verdict"],
-        [["Dice (higher is better)", f"{cis['dice']['mean']:+.3f}",
-          f"[{cis['dice']['low']:+.3f}, {cis['dice']['high']:+.3f}]", verdicts["dice"]],
-         ["HD95 in mm (lower is better)", f"{cis['hd95_mm']['mean']:+.1f}",
-          f"[{cis['hd95_mm']['low']:+.1f}, {cis['hd95_mm']['high']:+.1f}]", verdicts["hd95_mm"]]])
-    n = cis["dice"]["n"]
-    method = ("exact: every possible resample, weighted by its probability"
-              if cis["dice"]["method"] == "exact" else cis["dice"]["method"])
+    paired = paired_table(paired_rows)
+    n, ci_method = paired_rows[0]["n_patients"], paired_rows[0]["ci_method"]
+    method = "exact: every possible resample, weighted by its probability" if ci_method == "exact" else ci_method
+    flips = ("all 2^n sign patterns" if paired_rows[0]["sign_flip_method"] == "exact"
+             else paired_rows[0]["sign_flip_method"])
     stats_note = (f"Dice and HD95 (95th-percentile surface distance, mm) are computed on the held-out scan in its "
                   f"original geometry; an empty prediction counts as HD95 = the scan's diagonal. Each patient's number "
                   f"is the mean over {len(args.seed_list)} finetuning seed(s) (all from the same pretrained "
-                  f"weights); the interval resamples the {n} patients with replacement ({method}). With {n} "
+                  f"weights); the interval resamples the {n} patients with replacement ({method}). The p-value is the "
+                  f"two-sided paired sign-flip (permutation) test of the mean difference ({flips}); with {n} "
+                  f"patients it cannot go below 2/2^{n} = {paired_rows[0]['sign_flip_min_p']:.4g}. The verdict says "
+                  f"helped or hurt only when the interval excludes 0 and p < {paired_stats.ALPHA:g}. With {n} "
                   "patients the interval is wide and coarse: it describes these patients, not a population.")
 
     pre_rows = next(iter(pretrainings.values()))["pretext"]
@@ -467,6 +491,7 @@ def report(args, runs, rows, pretrainings, fold_list, label, layout, data_s, tot
               f"{len(runs.skipped) + len(runs.ran)} runs skipped as finished earlier.")
 
     runs_csv = tables.write_csv(os.path.join(out, f"{NAME}_runs.csv"), rows, RUN_COLUMNS)
+    paired_csv = tables.write_csv(os.path.join(out, f"{NAME}_paired.csv"), paired_rows, PAIRED_COLUMNS)
     csv_path = tables.write_csv(os.path.join(out, f"{NAME}.csv"), summary, PATIENT_COLUMNS)
     sections = ["## Result", per_arm, paired, stats_note, "## Per held-out patient", per_patient,
                 "## Pretraining", pretext, "## Setup", settings, layout.replace("\n", "  \n"), timing]
@@ -476,7 +501,7 @@ def report(args, runs, rows, pretrainings, fold_list, label, layout, data_s, tot
     overlay_png = plot_overlays(os.path.join(out, f"{NAME}_overlay.png"), rows, fold_list, args.seed_list[0], label)
     with open(md, encoding="utf-8") as f:
         print("\n" + f.read())
-    print(f"wrote {csv_path}\n      {runs_csv}\n      {md}\n      {dice_png}\n      {overlay_png}\n"
+    print(f"wrote {csv_path}\n      {runs_csv}\n      {paired_csv}\n      {md}\n      {dice_png}\n      {overlay_png}\n"
           f"      (runs and logs under {out})")
     return 0
 
