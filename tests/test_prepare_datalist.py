@@ -213,3 +213,24 @@ def test_pool_excludes_downstream_validation_and_testing_cases(tmp_path, capsys)
     assert set(_all_paths(content)) == {f"scan{i}.nii.gz" for i in (0, 2, 4, 5)}
     with pytest.raises(FileNotFoundError, match="nope.json"):
         prep.pool(str(tmp_path / "pool"), exclude=[str(task / "nope.json")])
+
+
+def test_pool_exclude_resolves_like_the_bundles_and_names_an_entry_that_matches_no_file(tmp_path, capsys):
+    for i in range(4):
+        _write_bytes(tmp_path, f"pool/scan{i}.nii.gz", f"scan {i}".encode())
+    task = tmp_path / "task"
+    _write_bytes(task, "imagesTs/test0.nii.gz", b"scan 1")  # a copy of pool/scan1
+    lists = tmp_path / "lists"  # the datalist lives outside the task's dataset_dir, as a bundle allows
+    os.makedirs(lists)
+    with open(lists / "task.json", "w") as f:
+        json.dump({"training": [{"image": "imagesTs/test0.nii.gz"}], "testing": [{"image": "imagesTs/test0.nii.gz"}]},
+                  f)
+    # relative entries are relative to the task's dataset_dir, as the bundles resolve them
+    content = _read(prep.pool(str(tmp_path / "pool"), val_fraction=0.25, exclude=[str(lists / "task.json")],
+                              exclude_dataset_dir=str(task)))
+    assert set(_all_paths(content)) == {f"scan{i}.nii.gz" for i in (0, 2, 3)}
+    assert "excluded 1" in capsys.readouterr().out
+    # without it they resolve against the datalist's folder, where there is no such file: a clear error, not silence
+    with pytest.raises(FileNotFoundError, match=r"imagesTs/test0.nii.gz.*exclude_dataset_dir|exclude_dataset_dir.*"
+                                                r"imagesTs/test0.nii.gz"):
+        prep.pool(str(tmp_path / "pool"), exclude=[str(lists / "task.json")])

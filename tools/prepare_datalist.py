@@ -31,6 +31,7 @@ Command line (python-fire)::
     python tools/prepare_datalist.py brats /data/BraTS2020
     python tools/prepare_datalist.py pool  /data/ct_a /data/ct_b --dataset_dir /data --val_fraction 0.05 \\
         --exclude /data/BTCV/datalist.json    # never pretrain on a downstream task's validation/testing images
+        # (add --exclude_dataset_dir /data/BTCV when that datalist lives elsewhere: its paths are relative to it)
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 if __package__ in (None, ""):  # run as a file: make ``tools`` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tools.file_identity import same_file  # noqa: E402
+from tools.file_identity import same_image  # noqa: E402
 
 __all__ = ["btcv", "msd", "brats", "pool", "split_indices", "BTCV_SWINUNETR_VALIDATION", "BRATS_MODALITIES"]
 
@@ -351,28 +352,43 @@ def _looks_like_label(path: str) -> bool:
             or name.startswith("segmentation"))
 
 
-def _held_out_images(datalists: Sequence[str]) -> List[str]:
-    """Real paths of the validation/testing images of the downstream datalists."""
+def _held_out_images(datalists: Sequence[str], dataset_dir: Optional[str] = None) -> List[str]:
+    """Real paths of the validation/testing images of the downstream datalists, resolved as the bundles do
+    (:func:`hybridmim_components.data.load_datalist`: relative to ``dataset_dir``, else the datalist's folder).
+
+    Raises:
+        FileNotFoundError: a datalist, or an image one of them lists, does not exist (naming it).
+    """
+    from hybridmim_components.data import load_datalist, resolve_datalist_path
+
     held_out: List[str] = []
     for datalist in datalists:
-        if not os.path.isfile(datalist):
-            raise LayoutError(f"pool: --exclude datalist '{datalist}' not found.")
-        with open(datalist, encoding="utf-8") as f:
-            content = json.load(f)
-        root = os.path.dirname(os.path.abspath(datalist))
+        try:
+            path = resolve_datalist_path(dataset_dir, datalist)
+        except FileNotFoundError as err:
+            raise LayoutError(f"pool: --exclude datalist '{datalist}' not found ({err})") from err
         for section in ("validation", "testing"):
-            for entry in content.get(section, []):
-                images = entry.get("image") if isinstance(entry, dict) else entry
+            try:
+                entries = load_datalist(dataset_dir, path, section, path_keys=("image",))
+            except FileNotFoundError as err:
+                raise LayoutError(f"pool: --exclude {datalist}: {err} Pass --exclude_dataset_dir (the downstream "
+                                  "bundle's dataset_dir) if its entries are relative to another folder.") from err
+            except ValueError as err:
+                if "has no key" in str(err) or "is empty" in str(err):
+                    continue  # a datalist without that section holds out nothing there
+                raise ValueError(f"pool: --exclude {datalist}: {err}") from err
+            for entry in entries:
+                images = entry["image"]
                 for image in images if isinstance(images, list) else [images]:
-                    path = os.path.realpath(image if os.path.isabs(image) else os.path.join(root, image))
-                    if os.path.isfile(path) and path not in held_out:
-                        held_out.append(path)
+                    real = os.path.realpath(image)
+                    if real not in held_out:
+                        held_out.append(real)
     return held_out
 
 
 def _is_held_out(path: str, held_out: Sequence[str]) -> bool:
-    """Same file, or a copy (the hash is only computed for files of the same size as a held-out image)."""
-    return any(same_file(path, other) for other in held_out)
+    """Same file, a copy, or the same scan saved another way (:func:`tools.file_identity.same_image`)."""
+    return any(same_image(path, other) for other in held_out)
 
 
 def pool(
@@ -383,6 +399,7 @@ def pool(
     output: Optional[str] = None,
     skip_labels: bool = True,
     exclude: Sequence[str] = (),
+    exclude_dataset_dir: Optional[str] = None,
 ) -> str:
     """Datalist of an unlabeled CT pool for pretraining: every NIfTI file under ``dirs`` (searched recursively).
 
@@ -394,13 +411,16 @@ def pool(
         output: datalist file name (relative to ``dataset_dir``) or absolute path; default ``datalist.json``.
         skip_labels: leave out label maps: files under ``labelsTr``/``labelsTs``/``labels``/``label``/
             ``segmentations``/``masks`` folders and files named ``label*``, ``segmentation*``, ``*_seg``, ``*_mask``.
-        exclude: downstream datalists whose ``validation`` and ``testing`` images must not be pretrained on (their
-            paths relative to the datalist's folder, or absolute). A pool file is left out when it is one of those
-            files or a byte-identical copy of one (same size and SHA-256); the count and names are printed.
+        exclude: downstream datalists whose ``validation`` and ``testing`` images must not be pretrained on. A pool
+            file is left out when it is one of those files, a byte-identical copy of one, or the same scan saved
+            another way (equal shape, affine and voxels); the count and names are printed. An image they list that
+            does not exist stops with an error naming it.
+        exclude_dataset_dir: the folder their relative paths are relative to, as the downstream bundle's
+            ``dataset_dir`` (default: each datalist's own folder, the bundles' rule without a ``dataset_dir``).
     """
     if isinstance(exclude, str):
         exclude = [exclude]
-    held_out = _held_out_images(exclude)
+    held_out = _held_out_images(exclude, exclude_dataset_dir)
     if not dirs:
         raise ValueError("pool: give at least one folder with CT volumes (*.nii.gz).")
     for d in dirs:
