@@ -1,8 +1,11 @@
 """Checkpoints of both bundle families: resuming training, keeping the best validation across a resume, and loading
 the pretraining bundles' weights.
 
-- :func:`latest_checkpoint`: the newest full training checkpoint in a folder.
-- :class:`ResumeFromLatestCheckpoint`: attaches a MONAI ``CheckpointLoader`` for it when the bundle's ``resume`` is on.
+- :func:`latest_checkpoint`: the most advanced readable full training checkpoint in a folder.
+- :class:`CrashSafeCheckpointSaver`: MONAI's ``CheckpointSaver`` writing atomically (:class:`AtomicDiskSaver`) and
+  never saving an untrained network as the best model.
+- :class:`ResumeFromLatestCheckpoint`: attaches a MONAI ``CheckpointLoader`` for it when the bundle's ``resume`` is on,
+  ahead of every other start handler; LR schedules continue to the config's end (:class:`ScheduleState`).
 - :class:`BestMetricState`: the best validation so far (evaluator state and best-model saver records) as a stateful
   object saved in the full checkpoint, so that a resumed run replaces ``model.pt`` only with a better model.
 - :class:`GradScalerState`: the trainer's AMP loss scaler as a stateful object for the full checkpoint, so that a
@@ -19,11 +22,16 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+from ignite.handlers.checkpoint import BaseSaveHandler
+from monai.handlers import CheckpointSaver
 
 from hybridmim_components.transfer import extract_state_dict
 
 __all__ = [
     "latest_checkpoint",
+    "AtomicDiskSaver",
+    "CrashSafeCheckpointSaver",
+    "ScheduleState",
     "ResumeFromLatestCheckpoint",
     "BestMetricState",
     "GradScalerState",
@@ -33,34 +41,172 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-def latest_checkpoint(ckpt_dir: str | None, prefix: str = "checkpoint") -> str | None:
-    """The newest full training checkpoint ``{ckpt_dir}/{prefix}*.pt``, or ``None`` (logged) when there is none.
+def _progress(path: str) -> tuple[int, float] | None:
+    """``(trainer iteration, modification time)`` of a full checkpoint, or ``None`` (logged) when unreadable."""
+    try:
+        # mmap: only the small trainer record is read, not gigabytes of network and optimizer tensors
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        iteration = int(state["trainer"]["iteration"])
+    except Exception as err:  # a truncated or foreign file: report it and try the next one
+        logger.warning(f"full checkpoint '{path}' is unreadable or holds no trainer state ({type(err).__name__}: "
+                       f"{err}): skipped.")
+        return None
+    return iteration, os.path.getmtime(path)
 
-    Newest = latest modification time; ties are broken by the number in the name (``checkpoint_epoch=12.pt``).
-    ``model.pt`` (the best weights alone) is not a full checkpoint and never matches.
+
+def latest_checkpoint(ckpt_dir: str | None, prefix: str = "checkpoint") -> str | None:
+    """The most advanced readable full training checkpoint ``{ckpt_dir}/{prefix}*.pt``, or ``None`` (logged).
+
+    Most advanced = the largest trainer iteration stored in the file (a copied folder has new modification times;
+    the time only breaks ties). A file that cannot be read (truncated by a kill during an old, non-atomic write) is
+    named in a warning and the next one is used. ``model.pt`` (the best weights alone) never matches.
     """
     candidates = []
     if ckpt_dir and os.path.isdir(ckpt_dir):
         pattern = os.path.join(glob.escape(ckpt_dir), f"{prefix}*.pt")
         candidates = [p for p in glob.glob(pattern) if os.path.isfile(p)]
-    if not candidates:
-        logger.info(f"no full checkpoint {prefix}*.pt in '{ckpt_dir}': nothing to resume from.")
+    readable = {path: progress for path in candidates if (progress := _progress(path)) is not None}
+    if not readable:
+        logger.info(f"no readable full checkpoint {prefix}*.pt in '{ckpt_dir}': nothing to resume from.")
         return None
-
-    def key(path: str):
-        numbers = re.findall(r"=(\d+)", os.path.basename(path))
-        return os.path.getmtime(path), int(numbers[-1]) if numbers else -1
-
-    newest = max(candidates, key=key)
-    logger.info(f"resuming from full checkpoint '{newest}'.")
+    newest = max(readable, key=readable.get)
+    logger.info(f"resuming from full checkpoint '{newest}' (iteration {readable[newest][0]}).")
     return newest
 
 
+class AtomicDiskSaver(BaseSaveHandler):
+    """ignite save handler that never leaves a truncated checkpoint and never deletes one before its successor exists.
+
+    A checkpoint is written to ``.{name}.part`` in the same folder, flushed to disk and renamed over ``name``
+    (``os.replace`` is atomic on one file system), so a kill at any moment leaves either the old or the new file.
+    ``remove`` (ignite's rotation of old checkpoints, which it calls *before* writing the new one) is deferred until
+    the next write has succeeded. Files are readable by group and others (MONAI's reason not to use ignite's
+    ``atomic=True``, whose temporary file is private). Rank ``save_on_rank`` alone writes, as with ignite's saver.
+
+    Args:
+        dirname: the folder.
+        filename: a fixed file name for every save (``model.pt``, ``checkpoint_final.pt``), or ``None`` for ignite's.
+        save_on_rank: the process that writes under DDP.
+    """
+
+    def __init__(self, dirname: str, filename: str | None = None, save_on_rank: int = 0) -> None:
+        self.dirname = str(dirname)
+        self.filename = filename
+        self.save_on_rank = save_on_rank
+        self._pending_removal: list[str] = []
+        os.makedirs(self.dirname, exist_ok=True)
+
+    def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
+        from ignite import distributed as idist
+
+        if idist.get_rank() != self.save_on_rank:
+            return
+        filename = self.filename or filename
+        path = os.path.join(self.dirname, filename)
+        partial = os.path.join(self.dirname, f".{filename}.part")
+        try:
+            with open(partial, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:
+            if os.path.exists(partial):
+                os.remove(partial)
+            raise
+        os.chmod(partial, 0o644)
+        os.replace(partial, path)
+        for old in self._pending_removal:
+            old_path = os.path.join(self.dirname, old)
+            if old != filename and os.path.exists(old_path):
+                os.remove(old_path)
+        self._pending_removal = []
+
+    def remove(self, filename: str) -> None:
+        self._pending_removal.append(self.filename or filename)
+
+
+class CrashSafeCheckpointSaver(CheckpointSaver):
+    """MONAI's ``CheckpointSaver`` (same arguments) writing through :class:`AtomicDiskSaver`, and never saving the
+    best model of a validation that ran before any training.
+
+    - Interval, final and key-metric checkpoints are written atomically; an old interval checkpoint is deleted only
+      after its successor is complete, so ``resume`` always finds a readable full checkpoint.
+    - A key-metric (best-model) save is skipped when the validated engine's epoch is below ``key_metric_min_epoch``
+      (default 1): the validation at start (``exec_at_start``) runs at epoch 0, on the untrained network, which must
+      never become ``model.pt`` (a finetune would then start from untrained "pretrained" weights).
+    """
+
+    def __init__(self, *args, key_metric_min_epoch: int = 1, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.key_metric_min_epoch = int(key_metric_min_epoch)
+        fixed = {"_final_checkpoint": self._final_filename,
+                 "_key_metric_checkpoint": kwargs.get("key_metric_filename"),
+                 "_interval_checkpoint": None}
+        for name, filename in fixed.items():
+            checkpoint = getattr(self, name)
+            if checkpoint is not None:
+                checkpoint.save_handler = AtomicDiskSaver(self.save_dir, filename=filename)
+
+    def metrics_completed(self, engine) -> None:
+        if engine.state.epoch < self.key_metric_min_epoch:
+            logger.info(f"validation at epoch {engine.state.epoch}, before any training step: not a best-model "
+                        "candidate, nothing saved.")
+            return
+        super().metrics_completed(engine)
+
+
+class ScheduleState:
+    """An LR scheduler in the full checkpoint whose planned length comes from the config, not from the file.
+
+    ``WarmupCosineSchedule.state_dict()`` holds ``t_total`` and ``warmup_steps``; restoring them when a run is
+    resumed with a larger ``max_epochs`` would end the cosine at the old total, after which it climbs back up.
+    Here the step count (``last_epoch``) and base rates come from the checkpoint, while ``t_total`` and
+    ``warmup_steps`` keep the values the current config computed: the run continues on the schedule of the new
+    length, as if it had been planned with the new ``max_epochs`` (the rate is recomputed at once and the change is
+    logged). Unchanged settings restore exactly. The file format is the scheduler's own ``state_dict``.
+    """
+
+    PLANNED = ("t_total", "warmup_steps")
+
+    def __init__(self, scheduler) -> None:
+        self.scheduler = scheduler
+
+    def state_dict(self) -> dict:
+        return self.scheduler.state_dict()
+
+    def load_state_dict(self, state_dict: Mapping) -> None:
+        sched = self.scheduler
+        planned = {k: getattr(sched, k) for k in self.PLANNED if hasattr(sched, k)}
+        sched.load_state_dict(dict(state_dict))
+        changed = {k: (state_dict[k], v) for k, v in planned.items() if k in state_dict and state_dict[k] != v}
+        if not changed:
+            return
+        for k, v in planned.items():
+            setattr(sched, k, v)
+        # the rate of the next step on the new schedule (LambdaLR computes it only at its next step())
+        rates = [base * fn(sched.last_epoch) for fn, base in zip(sched.lr_lambdas, sched.base_lrs)]
+        for group, rate in zip(sched.optimizer.param_groups, rates):
+            group["lr"] = rate
+        sched._last_lr = rates
+        logger.warning(
+            "the learning-rate schedule of the checkpoint differs from this config ("
+            + ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items())
+            + f"): continuing at step {sched.last_epoch} on the schedule of the new length (lr {rates[0]:.3g})."
+        )
+
+
+def _is_lr_scheduler(obj) -> bool:
+    return isinstance(obj, torch.optim.lr_scheduler.LRScheduler)
+
+
 class ResumeFromLatestCheckpoint:
-    """Attach a MONAI ``CheckpointLoader`` for the newest full checkpoint in ``ckpt_dir`` when ``enabled``.
+    """Attach a MONAI ``CheckpointLoader`` for the most advanced full checkpoint in ``ckpt_dir`` when ``enabled``.
 
     Does nothing when disabled; logs a warning and trains from scratch when enabled but ``ckpt_dir`` holds no
-    checkpoint. The checkpoint is chosen when ``attach`` is called (at ``initialize``).
+    readable checkpoint. The checkpoint is chosen when ``attach`` is called (at ``initialize``) and loaded at the
+    engine's start *before every other start handler* (a validation at start must see the restored network and
+    best-model record, not the freshly built ones). LR schedulers in ``load_dict`` are restored through
+    :class:`ScheduleState` (a longer run continues its schedule to the new end).
 
     Args:
         ckpt_dir: folder of the full checkpoints written by the trainer's ``CheckpointSaver``.
@@ -75,7 +221,7 @@ class ResumeFromLatestCheckpoint:
         self, ckpt_dir: str, load_dict: dict, enabled: bool = True, map_location=None, prefix: str = "checkpoint"
     ) -> None:
         self.ckpt_dir = ckpt_dir
-        self.load_dict = load_dict
+        self.load_dict = {k: ScheduleState(v) if _is_lr_scheduler(v) else v for k, v in load_dict.items()}
         self.enabled = bool(enabled)
         self.map_location = map_location
         self.prefix = prefix
@@ -84,6 +230,7 @@ class ResumeFromLatestCheckpoint:
     def attach(self, engine) -> None:
         if not self.enabled:
             return
+        from ignite.engine import Events
         from monai.handlers import CheckpointLoader
 
         self.path = latest_checkpoint(self.ckpt_dir, self.prefix)
@@ -91,6 +238,10 @@ class ResumeFromLatestCheckpoint:
             logger.warning(f"resume is true but '{self.ckpt_dir}' has no {self.prefix}*.pt: training from scratch.")
             return
         CheckpointLoader(load_path=self.path, load_dict=self.load_dict, map_location=self.map_location).attach(engine)
+        # ignite runs handlers in the order they were added; the trainer's own handlers (a ValidationHandler with
+        # exec_at_start) were added when it was built, before this: move the loader to the front
+        started = engine._event_handlers[Events.STARTED]
+        started.insert(0, started.pop())
 
 
 class BestMetricState:

@@ -466,18 +466,6 @@ def test_brats_classes_to_label_map_inverts_the_multichannel_conversion():
     assert out.shape == (1, 6, 6, 6) and torch.equal(torch.as_tensor(out), label)
 
 
-def test_latest_checkpoint_takes_the_newest_full_checkpoint(tmp_path):
-    from hybridmim_components.finetune_workflow import latest_checkpoint
-
-    assert latest_checkpoint(str(tmp_path)) is None
-    for i, name in enumerate(("checkpoint_epoch=1.pt", "model.pt", "checkpoint_final.pt")):
-        path = tmp_path / name
-        path.write_bytes(b"x")
-        os.utime(path, (1000 + i, 1000 + i))
-    os.utime(tmp_path / "model.pt", (5000, 5000))  # newest file, but not a full checkpoint
-    assert latest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint_final.pt")
-
-
 def test_check_roi_size_names_the_bad_sides():
     from hybridmim_components.finetune_workflow import check_roi_size
 

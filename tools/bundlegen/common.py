@@ -109,3 +109,13 @@ def metadata_header(description: str, task: str) -> dict:
 def common_files() -> dict:
     """Files identical in every bundle."""
     return {"configs/logging.conf": LOGGING_CONF, "LICENSE": LICENSE, "models/.gitkeep": ""}
+
+# MONAI's CheckpointSaver writing atomically (temp file + rename; an old checkpoint is deleted only after its
+# successor is complete) and never saving a best model from a validation before any training step
+SAVER = "hybridmim_components.checkpoints.CrashSafeCheckpointSaver"
+# the random states of training (torch, numpy, python, the transforms' own generators; every rank under DDP) in the
+# full checkpoint, so that a resumed run continues exactly as an uninterrupted one
+RANDOM_STATES = {"_target_": "hybridmim_components.seeding.RandomStates", "trainer": "@train#trainer",
+                 "transforms": "@train#preprocessing"}
+# snapshot the random states at every epoch end on every rank, before the checkpoint saver writes them
+ATTACH_RANDOM_STATES = "$@train#random_states.attach(@train#trainer)"

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import copy
 
-from tools.bundlegen.common import ADAMW, DDP_DEVICE, DDP_NETWORK, location_keys, metadata_header
+from tools.bundlegen.common import (ADAMW, ATTACH_RANDOM_STATES, DDP_DEVICE, DDP_NETWORK, RANDOM_STATES, SAVER,
+                                    location_keys, metadata_header)
 from tools.bundlegen.figures import performance_section
 
 __all__ = ["TASKS", "BACKBONES", "bundle_name", "bundles", "build_bundle"]
@@ -213,7 +214,7 @@ CHECKPOINTS = "hybridmim_components.checkpoints"
 PROGRESS_BAR = {"_target_": "hybridmim_components.progress.TrainProgressBar"}
 FULL_CHECKPOINT = {"model": "@network", "optimizer": "@optimizer", "lr_scheduler": "@lr_scheduler",
                    "trainer": "@train#trainer", "best_validation": "@train#best_validation",
-                   "grad_scaler": "@train#grad_scaler"}
+                   "grad_scaler": "@train#grad_scaler", "random_states": "@train#random_states"}
 
 
 def bundle_name(backbone: str, task: str) -> str:
@@ -535,7 +536,7 @@ def train_config(backbone: str, task: str) -> dict:
         # full checkpoint (network, optimiser, scheduler, trainer state, best validation) for `resume`; it
         # references the trainer, so it is attached in `initialize` rather than listed in train#handlers
         "checkpoint_saver": {
-            "_target_": "CheckpointSaver",
+            "_target_": SAVER,
             "save_dir": "@ckpt_dir",
             "save_dict": dict(FULL_CHECKPOINT),
             "file_prefix": "",
@@ -574,7 +575,7 @@ def train_config(backbone: str, task: str) -> dict:
         "handlers": [
             {"_target_": "StatsHandler", "iteration_log": False},
             {"_target_": "TensorBoardStatsHandler", "log_dir": "@output_dir", "iteration_log": False},
-            {"_target_": "CheckpointSaver", "save_dir": "@ckpt_dir", "save_dict": {"model": "@network"},
+            {"_target_": SAVER, "save_dir": "@ckpt_dir", "save_dict": {"model": "@network"},
              "save_key_metric": True, "key_metric_filename": "model.pt"},
         ],
         "key_metric": {"val_mean_dice": _mean_dice(task, "label")},
@@ -599,11 +600,12 @@ def train_config(backbone: str, task: str) -> dict:
         "_target_": f"{CHECKPOINTS}.BestMetricState",
         "evaluator": "@validate#evaluator",
         "savers": [f"@validate#handlers#{i}" for i, h in enumerate(cfg["validate"]["handlers"])
-                   if h["_target_"] == "CheckpointSaver"],
+                   if h["_target_"] == SAVER],
     }
     # the AMP loss scale (trainer.scaler, created by trainer.run() when amp is on), kept in the full checkpoint so
     # that a resumed run does not calibrate it again
     cfg["train"]["grad_scaler"] = {"_target_": f"{CHECKPOINTS}.GradScalerState", "trainer": "@train#trainer"}
+    cfg["train"]["random_states"] = dict(RANDOM_STATES)
     # skips the optimizer step of a NaN/inf loss, logs it, stops after max_nonfinite_steps in a row (attached in
     # `initialize`: it references the trainer's optimizer)
     cfg["train"]["nonfinite_guard"] = {"_target_": "hybridmim_components.nonfinite.NonFiniteLossGuard",
@@ -616,6 +618,7 @@ def train_config(backbone: str, task: str) -> dict:
         # backbone weights of the pretraining bundle (encoder and decoder; only the last layer starts from scratch);
         # the loader logs its report and stops on weights that do not fit
         "$hybridmim_components.load_pretrained_weights(@network_def, @pretrained_path)",
+        ATTACH_RANDOM_STATES,
         "$@train#checkpoint_saver.attach(@train#trainer)",
         "$@train#checkpoint_loader.attach(@train#trainer)",
         "$@train#nonfinite_guard.attach(@train#trainer)",
@@ -703,6 +706,7 @@ def multi_gpu_config(backbone: str, task: str) -> dict:
             f"$hybridmim_components.finetune_workflow.check_roi_size(@roi_size, {BACKBONES[backbone]['roi_multiple']})",
             *_data_check_initialize(task),
             "$hybridmim_components.load_pretrained_weights(@network_def, @pretrained_path)",
+            ATTACH_RANDOM_STATES,
             "$@train#checkpoint_saver.attach(@train#trainer) if dist.get_rank() == 0 else None",
             "$@train#checkpoint_loader.attach(@train#trainer)",
             "$@train#nonfinite_guard.attach(@train#trainer)",

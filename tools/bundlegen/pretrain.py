@@ -15,7 +15,8 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
-from tools.bundlegen.common import ADAMW, DDP_DEVICE, DDP_NETWORK, metadata_header, location_keys
+from tools.bundlegen.common import (ADAMW, ATTACH_RANDOM_STATES, DDP_DEVICE, DDP_NETWORK, RANDOM_STATES, SAVER,
+                                    location_keys, metadata_header)
 from tools.bundlegen.figures import performance_section
 
 MIM = "hybridmim_components.pretrain_workflow"  # PrepareMIMBatch, loss_terms_transform
@@ -182,9 +183,10 @@ def _train_config(spec: Spec) -> dict:
         "trainer": "@train#trainer",
         "best_validation": "@train#best_validation",
         "grad_scaler": "@train#grad_scaler",
+        "random_states": "@train#random_states",
     }
     val_handlers = _validation_handlers()
-    best_savers = [f"@validate#handlers#{i}" for i, h in enumerate(val_handlers) if h["_target_"] == "CheckpointSaver"]
+    best_savers = [f"@validate#handlers#{i}" for i, h in enumerate(val_handlers) if h["_target_"] == SAVER]
     return {
         **_head(spec),
         "amp": True,
@@ -243,11 +245,20 @@ def _train_config(spec: Spec) -> dict:
                 "cache_num": "@cache_num",
                 "num_workers": "@train#dataloader#num_workers",
             },
+            # exactly steps_per_epoch batches per pass (random volumes, without replacement within each pass over
+            # the pool): every epoch starts a fresh iterator, so a resumed run draws the same order as an
+            # uninterrupted one
+            "sampler": {
+                "_target_": "torch.utils.data.RandomSampler",
+                "data_source": "@train#dataset",
+                "num_samples": "$@steps_per_epoch * @batch_size",
+            },
             "dataloader": {
                 "_target_": "DataLoader",
                 "dataset": "@train#dataset",
                 "batch_size": "@batch_size",
-                "shuffle": True,
+                "sampler": "@train#sampler",
+                "shuffle": False,
                 "num_workers": 4,
                 "pin_memory": "$torch.cuda.is_available()",
             },
@@ -281,7 +292,7 @@ def _train_config(spec: Spec) -> dict:
             # full training checkpoints (for resume); they reference the trainer, so they are attached in
             # `initialize` instead of being listed in train#handlers (that would be a circular reference)
             "checkpoint_saver": {
-                "_target_": "CheckpointSaver",
+                "_target_": SAVER,
                 "save_dir": "@ckpt_dir",
                 "save_dict": full_ckpt,
                 "save_interval": 1,
@@ -300,6 +311,7 @@ def _train_config(spec: Spec) -> dict:
             # the AMP loss scale (trainer.scaler, created by trainer.run() when amp is on), kept in the full
             # checkpoint so that a resumed run does not calibrate it again
             "grad_scaler": {"_target_": f"{CHECKPOINTS}.GradScalerState", "trainer": "@train#trainer"},
+            "random_states": dict(RANDOM_STATES),
             "checkpoint_loader": {
                 "_target_": f"{CHECKPOINTS}.ResumeFromLatestCheckpoint",
                 "ckpt_dir": "@ckpt_dir",
@@ -378,10 +390,10 @@ def _validation_handlers() -> list:
         {"_target_": "StatsHandler", "iteration_log": False},
         {"_target_": "TensorBoardStatsHandler", "log_dir": "@output_dir", "iteration_log": False},
         {"_target_": f"{PREVIEWS}.MIMPreviewHandler", "log_dir": "@output_dir"},
-        {"_target_": "CheckpointSaver", "save_dir": "@ckpt_dir",
+        {"_target_": SAVER, "save_dir": "@ckpt_dir",
          "save_dict": {"model": "$@network_def.backbone"}, "save_key_metric": True,
          "key_metric_filename": "model.pt", "key_metric_negative_sign": True},
-        {"_target_": "CheckpointSaver", "save_dir": "@ckpt_dir", "save_dict": {"model": "@network_def"},
+        {"_target_": SAVER, "save_dir": "@ckpt_dir", "save_dict": {"model": "@network_def"},
          "save_key_metric": True, "key_metric_filename": "pretrain_network.pt",
          "key_metric_negative_sign": True},
     ]
@@ -402,6 +414,7 @@ def _train_initialize(seed: str = "@seed", saver_condition: str = "") -> list:
         "('training', 'validation'), image_channels=@in_channels, enabled=@check_data)",
         "$hybridmim_components.input_checks.check_contrastive_batch(@loss#contrastive_weight, @batch_size, "
         "@samples_per_volume)",
+        ATTACH_RANDOM_STATES,
         saver,
         "$@train#checkpoint_loader.attach(@train#trainer)",
         "$@train#nonfinite_guard.attach(@train#trainer)",
@@ -414,7 +427,7 @@ def _multi_gpu_config(train: dict) -> dict:
                    if h["_target_"] in ("StatsHandler", "TensorBoardStatsHandler", PROGRESS_BAR["_target_"])]
     rank0_val = [i for i, h in enumerate(train["validate"]["handlers"])
                  if h["_target_"] in ("StatsHandler", "TensorBoardStatsHandler", f"{PREVIEWS}.MIMPreviewHandler",
-                                      "CheckpointSaver")]
+                                      SAVER)]
     config = {
         "device": DDP_DEVICE,
         "network": dict(DDP_NETWORK),
