@@ -330,3 +330,19 @@ def test_loss_ablation_and_settings_end_to_end(tmp_path):
     assert [(r["axis"], r["value"]) for r in rows] == [("mask_ratio", "0.6"), ("region_size", "48x48x16")]
     assert all(float(r["pretrain_step_s"]) > 0 and 0 <= float(r["dice_mean"]) <= 1 for r in rows)
     assert_png(str(out / "settings.png"))
+
+
+def test_find_output_matches_the_exact_case_name_not_a_prefix(tmp_path):
+    """Old code matched by prefix: ``pat_1`` also found ``pat_10_seg.nii.gz`` (another patient's prediction)."""
+    from tools.bundle_runner import StageFailed, find_output
+
+    for stem in ("pat_10", "pat_1"):  # pat_10 first: a prefix match returns it for pat_1
+        (tmp_path / stem).mkdir()
+        (tmp_path / stem / f"{stem}_seg.nii.gz").write_bytes(b"x")
+    assert find_output(str(tmp_path), "pat_1", "seg") == str(tmp_path / "pat_1" / "pat_1_seg.nii.gz")
+    with pytest.raises(StageFailed, match="pat_2_seg.nii.gz"):
+        find_output(str(tmp_path), "pat_2", "seg")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "pat_1_seg.nii.gz").write_bytes(b"y")
+    with pytest.raises(StageFailed, match="2 outputs"):
+        find_output(str(tmp_path), "pat_1", "seg")

@@ -121,8 +121,15 @@ def dice_per_class(pred: np.ndarray, truth: np.ndarray, labels: Sequence[int]) -
 
 
 def find_output(folder: str, stem: str, postfix: str) -> str:
-    for root, _, names in os.walk(folder):
-        for name in names:
-            if name.startswith(stem) and postfix in name and name.endswith(".nii.gz"):
-                return os.path.join(root, name)
-    raise StageFailed(f"no output '{stem}*{postfix}*.nii.gz' under {folder}")
+    """The one file ``{stem}_{postfix}.nii.gz`` under ``folder`` (MONAI's savers may add a folder per case).
+
+    Matched by exact name: a prefix match would give ``pat_1`` the prediction ``pat_10_seg.nii.gz`` of another case.
+    """
+    name = f"{stem}_{postfix}.nii.gz"
+    found = sorted(os.path.join(root, name) for root, _, names in os.walk(folder) if name in names)
+    if len(found) > 1:
+        raise StageFailed(f"{len(found)} outputs named '{name}' under {folder} ({', '.join(found)}): which one is "
+                          "meant is ambiguous; write each run to its own folder")
+    if found:
+        return found[0]
+    raise StageFailed(f"no output '{name}' under {folder}")

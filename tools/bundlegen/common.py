@@ -119,3 +119,17 @@ RANDOM_STATES = {"_target_": "hybridmim_components.seeding.RandomStates", "train
                  "transforms": "@train#preprocessing"}
 # snapshot the random states at every epoch end on every rank, before the checkpoint saver writes them
 ATTACH_RANDOM_STATES = "$@train#random_states.attach(@train#trainer)"
+
+# what `--resume true` guarantees, the same sentence in every bundle README
+RESUME_GUARANTEE = (
+    "Checkpoints are written to a temporary file and renamed, and an old one is deleted only after its successor is "
+    "complete, so a kill at any moment (SIGKILL, out of memory, a lost node) leaves a readable checkpoint. "
+    "`--resume true` continues from the most advanced readable full checkpoint in `ckpt_dir` (by the iteration stored "
+    "in it, not the file date; an unreadable one is named and skipped) with the network, optimiser, scheduler, AMP "
+    "loss scale, best validation so far and every random state (torch, CUDA, numpy, Python, each random transform, "
+    "each DDP rank): resumed from an epoch checkpoint with the same command, it ends with the same weights as an "
+    "uninterrupted run (bit for bit on CPU, tested; on GPU the random draws are the same but non-deterministic CUDA "
+    "kernels make the floats drift, as between two uninterrupted GPU runs). A larger `max_epochs` continues the "
+    "cosine schedule to the new end (the rate is recomputed at the saved step, logged). A validation before any "
+    "training step (`exec_at_start`) never becomes `model.pt`."
+)

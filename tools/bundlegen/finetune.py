@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import copy
 
-from tools.bundlegen.common import (ADAMW, ATTACH_RANDOM_STATES, DDP_DEVICE, DDP_NETWORK, RANDOM_STATES, SAVER,
-                                    location_keys, metadata_header)
+from tools.bundlegen.common import (ADAMW, ATTACH_RANDOM_STATES, DDP_DEVICE, DDP_NETWORK, RANDOM_STATES,
+                                    RESUME_GUARANTEE, SAVER, location_keys, metadata_header)
 from tools.bundlegen.figures import performance_section
 
 __all__ = ["TASKS", "BACKBONES", "bundle_name", "bundles", "build_bundle"]
@@ -972,9 +972,9 @@ Build the datalist (an MSD-form JSON with `training`, `validation` and `testing`
 
 The best network (mean validation Dice) is saved to `models/model.pt` as a flat state dict. A full checkpoint
 (network, optimiser, scheduler, trainer state) `models/checkpoint_epoch=<N>.pt` is written every `val_interval`
-epochs and `models/checkpoint_final.pt` at the end or on an error; `--resume true` continues from the newest of them
-(the learning-rate schedule continues as saved, and so does the best validation Dice: `model.pt` is replaced only by
-a better model). TensorBoard logs go to `eval/`; the console shows a progress bar.
+epochs and `models/checkpoint_final.pt` at the end or on an error; the best validation Dice is kept in it, so a
+resumed run replaces `model.pt` only by a better model. {RESUME_GUARANTEE} TensorBoard logs go to `eval/`; the
+console shows a progress bar.
 
 ### Memory consumption
 
@@ -1035,7 +1035,7 @@ Label-efficiency (e.g. 20 % of the training labels):
 {run} --config_file {cfg}/train.json --label_fraction 0.2
 ```
 
-Resume an interrupted training from the newest full checkpoint in `ckpt_dir`:
+Resume an interrupted training from the most advanced full checkpoint in `ckpt_dir`:
 
 ```bash
 {run} --config_file {cfg}/train.json --resume true

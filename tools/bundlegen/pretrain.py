@@ -15,8 +15,8 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
-from tools.bundlegen.common import (ADAMW, ATTACH_RANDOM_STATES, DDP_DEVICE, DDP_NETWORK, RANDOM_STATES, SAVER,
-                                    location_keys, metadata_header)
+from tools.bundlegen.common import (ADAMW, ATTACH_RANDOM_STATES, DDP_DEVICE, DDP_NETWORK, RANDOM_STATES,
+                                    RESUME_GUARANTEE, SAVER, location_keys, metadata_header)
 from tools.bundlegen.figures import performance_section
 
 MIM = "hybridmim_components.pretrain_workflow"  # PrepareMIMBatch, loss_terms_transform
@@ -729,7 +729,7 @@ masked (the mask is carried explicitly).
 | `cache_rate`, `cache_num` | 1.0, {CACHE_NUM} | volumes cached in memory after preprocessing: that share, at most `cache_num` per process (see Memory) |
 | `check_data` | true | read every file of `training`/`validation` once before caching; stop naming every unusable one |
 | `max_nonfinite_steps` | 20 | iterations in a row with a NaN/inf loss (their steps are skipped) after which the run stops |
-| `resume` | false | continue from the newest full checkpoint in `ckpt_dir` |
+| `resume` | false | continue from the most advanced full checkpoint in `ckpt_dir` |
 | `loss` | paper weights | `hybridmim_components.HybridMIMLoss` |
 
 Logged every iteration (console and TensorBoard in `output_dir`): the total loss and each term
@@ -743,7 +743,8 @@ TensorBoard.
 
 Saved in `ckpt_dir` (default `models/`): `model.pt` (backbone only, best `val_recon_mse`), `pretrain_network.pt`
 (backbone and heads, same epoch; used by `evaluate.json`), and full training checkpoints `checkpoint_epoch=N.pt` /
-`checkpoint_final.pt` (network, optimizer, lr scheduler, trainer state) for `resume`.
+`checkpoint_final.pt` (network, optimizer, lr scheduler, trainer state, random states) for `resume`.
+{RESUME_GUARANTEE}
 
 To share the weights as a bundle (a zip `python -m monai.bundle download --url ...` accepts, with the SHA-256 of
 `models/model.pt` in `large_files.yml`), run `python tools/pack_bundle.py bundles/{spec.name} --version X.Y.Z` from the
@@ -774,7 +775,7 @@ Train (single GPU):
 python -m monai.bundle run --config_file configs/train.json --dataset_dir /path/to/data
 ```
 
-Resume an interrupted run from the newest checkpoint in `ckpt_dir`:
+Resume an interrupted run from the most advanced checkpoint in `ckpt_dir`:
 
 ```bash
 python -m monai.bundle run --config_file configs/train.json --dataset_dir /path/to/data --resume true
