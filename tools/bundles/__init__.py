@@ -1,0 +1,1 @@
+"""Bundle tooling: generating and verifying the bundles (maintainers), packing and running them (users)."""
