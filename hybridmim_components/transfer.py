@@ -114,7 +114,7 @@ def verify_weights_hash(bundle_dir: str | os.PathLike, relative: str = BUNDLE_WE
                 raise WeightsHashError(
                     f"{hash_type} of {weights} is {actual}, but {manifest} lists {expected}: the file is corrupted, "
                     "truncated or not the one the bundle was packed with. Download the bundle again (into an empty "
-                    "folder), or, if you retrained it yourself, re-pack it with tools/pack_bundle.py."
+                    "folder), or, if you retrained it yourself, re-pack it with tools/bundles/pack_bundle.py."
                 )
             verified = f"{hash_type} {actual}"
             logger.info(f"{hash_type} {actual} of {weights} matches {manifest}.")

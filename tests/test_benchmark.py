@@ -1,4 +1,4 @@
-"""tools/benchmark_pretrain_step.py at tiny sizes: the staged (profiled) step computes what the plain step computes,
+"""tools/benchmarks/benchmark_pretrain_step.py at tiny sizes: the staged (profiled) step computes what the plain step computes,
 and the loader / inference / JSON parts have the promised shapes and keys. No timing is asserted."""
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from hybridmim_components import HybridMIMLoss, HybridMIMSwinUNETR, HybridMIMUNet
-from tools import benchmark_pretrain_step as bench
-from tools.bundlegen.figures import step_time_table
+from tools.benchmarks import benchmark_pretrain_step as bench
+from tools.bundles.bundlegen.figures import step_time_table
 
 TINY_UNET = ["--features", "4", "4", "8", "8", "16", "4"]
 

@@ -1,4 +1,4 @@
-"""tools/make_demo_data.py: readable NIfTI with the promised shapes, spacings, intensities and labels."""
+"""tools/data/make_demo_data.py: readable NIfTI with the promised shapes, spacings, intensities and labels."""
 import json
 import os
 
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from hybridmim_components.data import load_datalist
-from tools.make_demo_data import make_brats_dataset, make_ct_dataset, make_unlabeled_ct_pool, organ_hu
+from tools.data.make_demo_data import make_brats_dataset, make_ct_dataset, make_unlabeled_ct_pool, organ_hu
 
 
 def _load(path):

@@ -107,7 +107,7 @@ def test_small_label_efficiency_uses_the_demo_preset_equal_steps_and_labels_data
 
 def test_paper_scale_preset_overrides_only_paths_seed_fraction_and_device(tmp_path):
     data = tmp_path / "data"
-    from tools.make_demo_data import make_ct_dataset
+    from tools.data.make_demo_data import make_ct_dataset
 
     make_ct_dataset(str(data), n_train=5, n_val=1, n_test=0)
     args = label_efficiency.parse_args(["--out_dir", str(tmp_path / "out"), "--dataset_dir", str(data),
@@ -290,7 +290,7 @@ def test_label_efficiency_end_to_end_is_reproducible_and_resumes(tmp_path, capsy
     assert [r["arm"] for r in results[0]] == ["pretrained", "scratch"]
     assert [r["train_cases"] for r in results[0]] == ["2", "2"]  # 40 % of 5 synthetic training cases
     assert [r["dice"] for r in results[0]] == [r["dice"] for r in results[1]]  # same seed, same numbers
-    from tools.bundle_runner import read_scalars
+    from tools.bundles.bundle_runner import read_scalars
 
     # and the same losses, step by step (a Dice of 0 in both would prove little on its own)
     for run, tag in (("pretrain", "train_loss"), ("pretrain", "val_recon_mse"),
@@ -334,7 +334,7 @@ def test_loss_ablation_and_settings_end_to_end(tmp_path):
 
 def test_find_output_matches_the_exact_case_name_not_a_prefix(tmp_path):
     """Old code matched by prefix: ``pat_1`` also found ``pat_10_seg.nii.gz`` (another patient's prediction)."""
-    from tools.bundle_runner import StageFailed, find_output
+    from tools.bundles.bundle_runner import StageFailed, find_output
 
     for stem in ("pat_10", "pat_1"):  # pat_10 first: a prefix match returns it for pat_1
         (tmp_path / stem).mkdir()

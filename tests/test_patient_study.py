@@ -340,7 +340,7 @@ def _read_csv(path):
 
 @pytest.mark.slow
 def test_small_preset_end_to_end_with_a_leaking_pool_and_resume(tmp_path, capsys):
-    from tools.make_demo_data import make_ct_dataset, make_unlabeled_ct_pool
+    from tools.data.make_demo_data import make_ct_dataset, make_unlabeled_ct_pool
 
     task = make_ct_dataset(str(tmp_path / "task"), num_classes=2, shape=(40, 40, 32), spacing=(3.0, 3.0, 3.0),
                            n_train=2, n_val=1, n_test=0, seed=0)

@@ -1,11 +1,11 @@
-"""tools/prepare_datalist.py on fake dataset layouts (empty files named as in the real downloads)."""
+"""tools/data/prepare_datalist.py on fake dataset layouts (empty files named as in the real downloads)."""
 import json
 import os
 
 import pytest
 
 from hybridmim_components.data import load_datalist
-from tools import prepare_datalist as prep
+from tools.data import prepare_datalist as prep
 
 BTCV_LABELLED = list(range(1, 11)) + list(range(21, 41))  # the 30 labelled BTCV cases
 

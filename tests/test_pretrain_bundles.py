@@ -1,7 +1,7 @@
 """End-to-end checks of the four HybridMIM pretraining bundles, shrunk through overrides only.
 
 Each bundle is run through the MONAI CLI (``python -m monai.bundle run``) on tiny synthetic data from
-``tools/make_demo_data.py``: train one epoch of two steps (with validation), check that ``models/model.pt`` loads into
+``tools/data/make_demo_data.py``: train one epoch of two steps (with validation), check that ``models/model.pt`` loads into
 the finetuning network (plain MONAI SwinUNETR/BasicUNet with another ``out_channels``) with only the last layer new,
 run ``evaluate.json`` and ``inference.json``, and resume from the full checkpoint. One bundle is also trained with two
 CPU processes (torchrun, gloo). Checkpoints and outputs go to tmp dirs, never into the repository.
@@ -71,7 +71,7 @@ def _bundle_run(name: str, configs: list[str], overrides: list[str], what: str) 
 def demo_data(tmp_path_factory):
     """Tiny datasets: ``{"ct": (dataset_dir, datalist), "brats": (...)}``, two validation volumes each (DDP)."""
     sys.path.insert(0, REPO_ROOT)
-    from tools.make_demo_data import make_brats_dataset, make_unlabeled_ct_pool
+    from tools.data.make_demo_data import make_brats_dataset, make_unlabeled_ct_pool
 
     root = tmp_path_factory.mktemp("pretrain_data")
     ct = make_unlabeled_ct_pool(str(root / "ct"), n_train=2, n_val=2, n_test=1)
@@ -337,13 +337,13 @@ def test_pretrain_bundle_verify_metadata(name, tmp_path):
 
 def test_pretrain_bundles_match_generator():
     sys.path.insert(0, REPO_ROOT)
-    from tools.bundlegen.pretrain import bundles
-    from tools.generate_bundles import render
+    from tools.bundles.bundlegen.pretrain import bundles
+    from tools.bundles.generate_bundles import render
 
     for name, files in bundles().items():
         for rel, content in files.items():
             with open(os.path.join(BUNDLES_DIR, name, rel), encoding="utf-8") as f:
-                assert f.read() == render(content), f"{name}/{rel} is out of date: run python tools/generate_bundles.py"
+                assert f.read() == render(content), f"{name}/{rel} is out of date: run python tools/bundles/generate_bundles.py"
 
 
 def _initialized_network_weights(name: str, demo_data, tmp_path, rng_seed: int) -> dict:

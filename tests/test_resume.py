@@ -306,14 +306,14 @@ def _assert_same_tensors(a, b, where: str = "") -> None:
 
 
 def _demo_ct_pool(tmp_path):
-    from tools.make_demo_data import make_unlabeled_ct_pool
+    from tools.data.make_demo_data import make_unlabeled_ct_pool
 
     datalist = make_unlabeled_ct_pool(str(tmp_path / "pool"), n_train=2, n_val=1, n_test=1)
     return os.path.dirname(datalist), datalist
 
 
 def _finetune_overrides(tmp_path, root: str) -> dict:
-    from tools.make_demo_data import make_ct_dataset
+    from tools.data.make_demo_data import make_ct_dataset
 
     datalist = make_ct_dataset(str(tmp_path / "ct"), num_classes=2)
     return {"bundle_root": root, "dataset_dir": os.path.dirname(datalist),

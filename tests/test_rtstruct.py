@@ -1,4 +1,4 @@
-"""tools/rtstruct_to_nifti.py: DICOM CT series + RTSTRUCT -> image/label NIfTI pair, checked against hand counts.
+"""tools/data/rtstruct_to_nifti.py: DICOM CT series + RTSTRUCT -> image/label NIfTI pair, checked against hand counts.
 
 Every DICOM file here is written by the test with pydicom: a CT series (14 rows x 16 columns, 2 mm pixels, 3 mm
 slices, a non-trivial origin, files in shuffled order) and an RTSTRUCT whose contours are rectangles in patient mm.
@@ -19,7 +19,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from tools import rtstruct_to_nifti as rt
+from tools.data import rtstruct_to_nifti as rt
 
 CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 RTSTRUCT_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"

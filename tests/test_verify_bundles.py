@@ -1,4 +1,4 @@
-"""tools/verify_bundles.py: the model zoo's CI checks (`ci/verify_bundle.py -m full`) on every bundle.
+"""tools/bundles/verify_bundles.py: the model zoo's CI checks (`ci/verify_bundle.py -m full`) on every bundle.
 
 The full run (all twelve bundles, all checks, tiny widths, one process) is slow-marked; fast tests cover the
 pretraining bundles' data-shape check (their networks used to return a dict), the torchscript exemptions, and a
@@ -13,7 +13,7 @@ import shutil
 
 import pytest
 
-from tools import verify_bundles as vb
+from tools.bundles import verify_bundles as vb
 
 BUNDLES = vb.list_bundles(vb.BUNDLES_DIR)
 HAS_SCHEMA = os.path.isfile(vb.DEFAULT_SCHEMA)

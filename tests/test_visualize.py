@@ -5,7 +5,7 @@ import zlib
 import nibabel as nib
 import numpy as np
 
-from tools.visualize_reconstruction import main, montage, region_offset
+from tools.experiments.visualize_reconstruction import main, montage, region_offset
 
 
 def test_region_is_placed_by_affines_and_png_is_valid(tmp_path):

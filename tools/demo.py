@@ -3,11 +3,11 @@
 Every stage drives a bundle through ``python -m monai.bundle run`` with overrides only, exactly as a user would; the
 full log of each run is kept in ``<out_dir>/logs/``. The overrides shrink the paper's GPU settings to a CPU demo:
 3 mm voxels, 64×64×32 pretraining crops with 16-voxel sub-volumes (48 mm, the paper's sub-volume at 1.5 mm is 48 mm
-too), a narrow UNet, a few hundred steps. Data: :mod:`tools.fetch_demo_ct` (a real TotalSegmentator test CT).
+too), a narrow UNet, a few hundred steps. Data: :mod:`tools.data.fetch_demo_ct` (a real TotalSegmentator test CT).
 
 Stages::
 
-    1 data        tools/fetch_demo_ct.py (download once, hash check, labels mapped to BTCV / spleen)
+    1 data        tools/data/fetch_demo_ct.py (download once, hash check, labels mapped to BTCV / spleen)
     2 pretrain    bundles/hybridmim_unet_pretrain/configs/train.json on the unlabelled pool
     3 reconstruct bundles/hybridmim_unet_pretrain/configs/inference.json (masked input and reconstruction)
     4 finetune    bundles/hybridmim_unet_<task>/configs/train.json from the pretrained weights
@@ -35,8 +35,7 @@ import numpy as np
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
-from tools import fetch_demo_ct  # noqa: E402
-from tools.bundle_runner import (  # noqa: E402
+from tools.bundles.bundle_runner import (  # noqa: E402
     StageFailed,
     bundle_command,
     device_overrides,
@@ -46,6 +45,7 @@ from tools.bundle_runner import (  # noqa: E402
     run_stage,
     validation_handler_index,
 )
+from tools.data import fetch_demo_ct  # noqa: E402
 
 PRETRAIN = "hybridmim_unet_pretrain"
 FINETUNE = {"spleen": "hybridmim_unet_msd_spleen", "btcv": "hybridmim_unet_btcv"}
@@ -204,7 +204,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="HybridMIM on a real CT: pretrain, finetune (pretrained vs scratch), "
                                      "infer, compare. A tiny CPU demo, not the paper's experiment.")
     parser.add_argument("--out_dir", default="demo_run", help="runs, logs, predictions, PNGs and the summary")
-    parser.add_argument("--data_dir", default="demo_data/ct", help="where tools/fetch_demo_ct.py writes the data")
+    parser.add_argument("--data_dir", default="demo_data/ct", help="where tools/data/fetch_demo_ct.py writes the data")
     parser.add_argument("--cache_dir", default=None, help="download cache (default ~/.cache/hybridmim)")
     parser.add_argument("--sdist", default=None, help="a local totalsegmentator-2.18.0.tar.gz (offline)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (AMP on CUDA)")
@@ -316,7 +316,7 @@ def main(argv=None) -> int:
     masked_path = find_output(os.path.join(pre_dir, "predictions"), "pool_aorta_ct_top", "masked")
     recon_path = find_output(os.path.join(pre_dir, "predictions"), "pool_aorta_ct_top", "reconstruction")
     original_path = find_output(os.path.join(pre_dir, "predictions"), "pool_aorta_ct_top", "original")
-    from tools.visualize_reconstruction import region_offset
+    from tools.experiments.visualize_reconstruction import region_offset
 
     masked_img, recon_img = nib.load(masked_path), nib.load(recon_path)
     reconstruction_png(rec_png, np.asarray(masked_img.dataobj, np.float32),

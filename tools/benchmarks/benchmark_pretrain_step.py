@@ -10,7 +10,7 @@ Optional parts, in the same run and the same JSON:
 
 - ``--loader``: crops/s of the pretraining bundle's own data pipeline (``train#dataset`` and ``train#dataloader``
   of its ``train.json``, built with ``monai.bundle.ConfigParser``, the bundle's worker count unless
-  ``--loader-workers``) on ``--datalist`` or on a generated CT pool (``tools/make_demo_data.py pool``), printed
+  ``--loader-workers``) on ``--datalist`` or on a generated CT pool (``tools/data/make_demo_data.py pool``), printed
   against the step rate: whichever is lower limits training.
 - ``--inference``: sliding-window inference (``SlidingWindowInferer``, ``--infer-roi`` 96, overlap 0.5, the
   bundle's ``sw_batch_size``) of a finetuning bundle's network on a ``--infer-volume`` (256×256×128) volume.
@@ -20,14 +20,14 @@ Optional parts, in the same run and the same JSON:
 - peak memory: ``torch.cuda.max_memory_allocated`` per setting on CUDA; on CPU the process's maximum resident set
   (``resource.getrusage``) after each part (it only grows, so it is the largest part's peak).
 
-    python tools/benchmark_pretrain_step.py --backbones unet --crop 96 --region 64 --batch 2 --steps 5
-    python tools/benchmark_pretrain_step.py --device cuda --crop 96 --region 64 --batch 4 --loader --inference \\
-        --views two_sided one_sided --output tools/results/pretrain_step_gpu.json
-    python tools/benchmark_pretrain_step.py --backbones unet --batch 2 --steps 1 --views two_sided one_sided \\
-        --profile --output tools/results/pretrain_profile_cpu_unet.json
+    python tools/benchmarks/benchmark_pretrain_step.py --backbones unet --crop 96 --region 64 --batch 2 --steps 5
+    python tools/benchmarks/benchmark_pretrain_step.py --device cuda --crop 96 --region 64 --batch 4 --loader --inference \\
+        --views two_sided one_sided --output tools/benchmarks/results/pretrain_step_gpu.json
+    python tools/benchmarks/benchmark_pretrain_step.py --backbones unet --batch 2 --steps 1 --views two_sided one_sided \\
+        --profile --output tools/benchmarks/results/pretrain_profile_cpu_unet.json
 
 Prints one line per setting and the ratio partial/full; ``--output`` writes the figures as JSON (the bundle READMEs
-quote them through ``tools/bundlegen/figures.py``); ``device`` names the machine.
+quote them through ``tools/bundles/bundlegen/figures.py``); ``device`` names the machine.
 """
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ from collections.abc import Callable
 
 import torch
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
@@ -267,7 +267,7 @@ def measure_loader(
     """
     with tempfile.TemporaryDirectory() as tmp:
         if not datalist:
-            from tools.make_demo_data import make_unlabeled_ct_pool
+            from tools.data.make_demo_data import make_unlabeled_ct_pool
 
             datalist = make_unlabeled_ct_pool(tmp, n_train=pool_volumes, n_val=0, n_test=0, shape=pool_shape)
         overrides = {"dataset_dir": os.path.dirname(os.path.abspath(datalist)),
@@ -463,7 +463,7 @@ def main(argv=None) -> dict:
             s["times"].append(time.perf_counter() - start)
 
     result = {
-        "command": "python tools/benchmark_pretrain_step.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python tools/benchmarks/benchmark_pretrain_step.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "device": device_name(device),
         "cpu_threads": torch.get_num_threads(),
         "torch": torch.__version__,

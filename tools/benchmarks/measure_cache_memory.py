@@ -1,11 +1,11 @@
 """Host memory of one cached volume of the pretraining bundles (the figure quoted in their README's Memory section).
 
-Writes a synthetic CT of ``shape`` voxels at ``spacing`` mm (``tools/make_demo_data.py``: air, body, organs), runs a
+Writes a synthetic CT of ``shape`` voxels at ``spacing`` mm (``tools/data/make_demo_data.py``: air, body, organs), runs a
 pretraining bundle's cached transforms (``train#deterministic_transforms``: load, RAS, resample to 1.5 × 1.5 × 2.0 mm,
 window, crop to the body, pad) through ``CacheDataset`` and prints the cached tensor's shape and size, the growth of
 the process's resident memory, and the size of the resampled grid before the body crop (an upper bound)::
 
-    python tools/measure_cache_memory.py --shape 512,512,200 --spacing 0.8,0.8,2.5
+    python tools/benchmarks/measure_cache_memory.py --shape 512,512,200 --spacing 0.8,0.8,2.5
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import sys
 import tempfile
 import time
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _rss_mb() -> float:
@@ -31,7 +31,7 @@ def measure(shape, spacing, bundle: str = "hybridmim_unet_pretrain") -> dict:
     from monai.data import CacheDataset
     from monai.transforms import Compose
 
-    from tools.make_demo_data import make_unlabeled_ct_pool
+    from tools.data.make_demo_data import make_unlabeled_ct_pool
 
     with tempfile.TemporaryDirectory() as tmp:
         datalist = make_unlabeled_ct_pool(tmp, n_train=1, n_val=0, n_test=0, shape=shape, spacing=spacing)

@@ -1,7 +1,7 @@
-"""Write the twelve HybridMIM bundles under ``bundles/`` from ``tools/bundlegen``, or check that they match.
+"""Write the twelve HybridMIM bundles under ``bundles/`` from ``tools/bundles/bundlegen``, or check that they match.
 
-    python tools/generate_bundles.py            # (re)write bundles/
-    python tools/generate_bundles.py --check    # exit 1 and list the files that differ
+    python tools/bundles/generate_bundles.py            # (re)write bundles/
+    python tools/bundles/generate_bundles.py --check    # exit 1 and list the files that differ
 
 The bundles on disk stay self-contained (users copy one folder); this generator keeps the twelve consistent.
 """
@@ -13,13 +13,13 @@ import json
 import os
 import sys
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
-from tools.bundlegen.common import common_files  # noqa: E402
+from tools.bundles.bundlegen.common import common_files  # noqa: E402
 
-FAMILIES = ("tools.bundlegen.pretrain", "tools.bundlegen.finetune")
+FAMILIES = ("tools.bundles.bundlegen.pretrain", "tools.bundles.bundlegen.finetune")
 
 
 def render(content) -> str:
@@ -79,7 +79,7 @@ def main(argv=None) -> int:
         for d in diffs:
             print(d)
         if diffs:
-            print("bundles/ is out of date: run python tools/generate_bundles.py", file=sys.stderr)
+            print("bundles/ is out of date: run python tools/bundles/generate_bundles.py", file=sys.stderr)
         return 1 if diffs else 0
     write(args.bundles_dir)
     return 0

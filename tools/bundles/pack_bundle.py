@@ -1,6 +1,6 @@
 """Pack a trained pretraining bundle into a zip that ``python -m monai.bundle download`` accepts.
 
-    python tools/pack_bundle.py bundles/hybridmim_unet_pretrain --version 0.1.1 \\
+    python tools/bundles/pack_bundle.py bundles/hybridmim_unet_pretrain --version 0.1.1 \\
         --changelog "pretrained on our CT pool, 100k iterations" --output dist/hybridmim_unet_pretrain_v0.1.1.zip
     python -m monai.bundle download --name hybridmim_unet_pretrain \\
         --url file://$PWD/dist/hybridmim_unet_pretrain_v0.1.1.zip --bundle_dir downloaded

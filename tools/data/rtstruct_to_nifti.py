@@ -31,16 +31,16 @@ series in one folder (pick one with ``--series_uid``), differing slice sizes/ori
 Command line::
 
     # one patient
-    python tools/rtstruct_to_nifti.py --series CT_DIR --rtstruct RS.dcm --roi GTV-1 \\
+    python tools/data/rtstruct_to_nifti.py --series CT_DIR --rtstruct RS.dcm --roi GTV-1 \\
         --image out/image.nii.gz --label out/label.nii.gz
-    python tools/rtstruct_to_nifti.py ... --roi Lung_L --roi Lung_R            # labels 1 and 2
-    python tools/rtstruct_to_nifti.py ... --roi Lung_L --roi Lung_R --merge    # one binary label
-    python tools/rtstruct_to_nifti.py ... --roi "GTV-1|GTV1"                   # whichever name the file has
+    python tools/data/rtstruct_to_nifti.py ... --roi Lung_L --roi Lung_R            # labels 1 and 2
+    python tools/data/rtstruct_to_nifti.py ... --roi Lung_L --roi Lung_R --merge    # one binary label
+    python tools/data/rtstruct_to_nifti.py ... --roi "GTV-1|GTV1"                   # whichever name the file has
     # many patients: every subfolder of PATIENTS holds one CT series and one RTSTRUCT (any depth)
-    python tools/rtstruct_to_nifti.py --datalist PATIENTS --out_dir OUT --roi GTV-1 [--val_fraction 0.25]
+    python tools/data/rtstruct_to_nifti.py --datalist PATIENTS --out_dir OUT --roi GTV-1 [--val_fraction 0.25]
 
 The ``--datalist`` mode writes ``OUT/images/<patient>.nii.gz``, ``OUT/labels/<patient>.nii.gz`` and an MSD-form
-``OUT/datalist.json`` (paths relative to ``OUT``; a seeded validation split as ``tools/prepare_datalist.py`` makes;
+``OUT/datalist.json`` (paths relative to ``OUT``; a seeded validation split as ``tools/data/prepare_datalist.py`` makes;
 ``testing`` = the validation images) that the binary finetune bundles (``hybridmim_*_msd_spleen``) read with
 ``dataset_dir=OUT``.
 """
@@ -589,10 +589,10 @@ def convert_patients(patient_dirs: Sequence[str], out_dir: str, rois: Sequence[s
     """Convert every patient folder (one CT series + one RTSTRUCT each) and write an MSD-form datalist.
 
     Writes ``out_dir/images/<folder name>.nii.gz`` and ``out_dir/labels/<folder name>.nii.gz``; the datalist
-    ``out_dir/<output>`` has paths relative to ``out_dir``: a seeded split (``tools/prepare_datalist.split_indices``)
+    ``out_dir/<output>`` has paths relative to ``out_dir``: a seeded split (``tools/data/prepare_datalist.split_indices``)
     into ``training`` and ``validation``, and ``testing`` = the validation images. Returns the datalist's path.
     """
-    from tools.prepare_datalist import split_indices
+    from tools.data.prepare_datalist import split_indices
 
     if not patient_dirs:
         raise DicomConversionError("no patient folders given.")
@@ -681,5 +681,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     if __package__ in (None, ""):  # run as a script: make `tools` importable
-        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     sys.exit(main())

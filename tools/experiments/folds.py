@@ -5,7 +5,7 @@ scans of one person must never sit on both sides of a split); distinct image fil
 patients, even when their names are equal. Folds split patients, never entries. The pretraining
 pool of a fold must not contain any image of that fold's test patients: :func:`pool_for_fold` drops them, comparing
 files by path, by SHA-256 for copies and by shape, affine and voxels for the same scan saved another way
-(:func:`tools.file_identity.same_image`), and :func:`check_no_leak` refuses a fold where a test image reaches
+(:func:`tools.data.file_identity.same_image`), and :func:`check_no_leak` refuses a fold where a test image reaches
 training or the pool.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from hybridmim_components.data import load_datalist
-from tools.file_identity import same_image
+from tools.data.file_identity import same_image
 
 
 class FoldError(ValueError):

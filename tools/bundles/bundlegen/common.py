@@ -1,7 +1,7 @@
 """Pieces shared by every bundle of the collection: logging config, licence, metadata header.
 
 Bundle families (``pretrain.py``, ``finetune.py``) return ``{bundle_name: {relative_path: content}}`` where content
-is a ``dict``/``list`` (written as JSON, indent 4) or a ``str`` (written as is). ``tools/generate_bundles.py`` writes
+is a ``dict``/``list`` (written as JSON, indent 4) or a ``str`` (written as is). ``tools/bundles/generate_bundles.py`` writes
 them; ``tests/test_generate_bundles.py`` checks that the committed bundles match.
 """
 from __future__ import annotations
@@ -76,7 +76,7 @@ ADAMW = {
 def location_keys(dataset_dir: str) -> dict:
     """The first keys of every train/inference config: where the bundle, its outputs and its data are; the device.
 
-    ``data_list_file_path`` is relative to ``dataset_dir`` (or absolute): ``tools/prepare_datalist.py`` writes it.
+    ``data_list_file_path`` is relative to ``dataset_dir`` (or absolute): ``tools/data/prepare_datalist.py`` writes it.
     """
     return {
         "bundle_root": ".",

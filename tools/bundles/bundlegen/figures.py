@@ -1,6 +1,6 @@
-"""Measured figures quoted in the READMEs, read from the benchmark results committed under ``tools/results``.
+"""Measured figures quoted in the READMEs, read from the benchmark results committed under ``tools/benchmarks/results``.
 
-Every number printed here comes from a JSON file written by a command in ``tools/`` (quoted next to the figure), so
+Every number printed here comes from a JSON file written by a command in ``tools/benchmarks/`` (quoted next to the figure), so
 anyone can rerun it. A bundle with no measurement says so instead of quoting one.
 """
 from __future__ import annotations
@@ -8,7 +8,9 @@ from __future__ import annotations
 import json
 import os
 
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "results")
+#: tools/benchmarks/results (this file is tools/bundles/bundlegen/figures.py)
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "benchmarks",
+                           "results")
 
 NO_DICE = (
     "No Dice or HD95 has been measured with this bundle: that needs the real dataset and a GPU at the default "
@@ -18,7 +20,7 @@ NO_DICE = (
 
 
 def load_result(name: str) -> dict | None:
-    """A benchmark result JSON from ``tools/results``, or ``None`` when it has not been measured."""
+    """A benchmark result JSON from ``tools/benchmarks/results``, or ``None`` when it has not been measured."""
     path = os.path.join(RESULTS_DIR, name)
     if not os.path.isfile(path):
         return None
@@ -27,7 +29,7 @@ def load_result(name: str) -> dict | None:
 
 
 def step_time_table(result: dict) -> str:
-    """Markdown table and ratios of one ``tools/benchmark_pretrain_step.py`` result."""
+    """Markdown table and ratios of one ``tools/benchmarks/benchmark_pretrain_step.py`` result."""
     rows = [
         "| backbone | contrastive views | region | s/step | volumes/s | peak GPU memory |",
         "|---|---|---|---|---|---|",
@@ -67,7 +69,7 @@ def performance_section(bundle_name: str) -> str:
         return "No figures have been measured for this bundle yet.\n"
     text = [
         "Time of one pretraining step (forward, loss, backward, AdamW update; no data loading), measured by this "
-        "collection with `tools/benchmark_pretrain_step.py` on the CPU of its development machine (no GPU was "
+        "collection with `tools/benchmarks/benchmark_pretrain_step.py` on the CPU of its development machine (no GPU was "
         "available). Ratios are what transfers between machines; absolute CPU times do not. The paper reports 0.68 s "
         "vs 1.03 s per step (0.66×) for its UNet on a GPU.\n"
     ]

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import copy
 
-from tools.bundlegen.common import (ADAMW, ATTACH_RANDOM_STATES, DDP_DEVICE, DDP_NETWORK, RANDOM_STATES,
+from tools.bundles.bundlegen.common import (ADAMW, ATTACH_RANDOM_STATES, DDP_DEVICE, DDP_NETWORK, RANDOM_STATES,
                                     RESUME_GUARANTEE, SAVER, location_keys, metadata_header)
-from tools.bundlegen.figures import performance_section
+from tools.bundles.bundlegen.figures import performance_section
 
 __all__ = ["TASKS", "BACKBONES", "bundle_name", "bundles", "build_bundle"]
 
@@ -33,7 +33,7 @@ BTCV_CLASSES = (
 )
 
 CT_DATA_NOTE = (
-    "The datalist is built by `tools/prepare_datalist.py` of the HybridMIM Bundles repository (paths relative to "
+    "The datalist is built by `tools/data/prepare_datalist.py` of the HybridMIM Bundles repository (paths relative to "
     "`dataset_dir`)."
 )
 
@@ -53,7 +53,7 @@ TASKS = {
         "num_samples": 4,
         "cache_rate": 1.0,
         "pixdim": [1.5, 1.5, 2.0],
-        "prepare": "python tools/prepare_datalist.py btcv /workspace/data/BTCV",
+        "prepare": "python tools/data/prepare_datalist.py btcv /workspace/data/BTCV",
         "data_source": "BTCV (Multi-Atlas Labeling Beyond the Cranial Vault, MICCAI 2015), "
         "https://www.synapse.org/#!Synapse:syn3193805/wiki/217752 (RawData.zip, Synapse registration)",
         "data_text": (
@@ -88,7 +88,7 @@ TASKS = {
         "num_samples": 4,
         "cache_rate": 1.0,
         "pixdim": [1.5, 1.5, 2.0],
-        "prepare": "python tools/prepare_datalist.py msd /workspace/data/Task09_Spleen --val_fraction 0.2",
+        "prepare": "python tools/data/prepare_datalist.py msd /workspace/data/Task09_Spleen --val_fraction 0.2",
         "data_source": "Medical Segmentation Decathlon Task09_Spleen, http://medicaldecathlon.com/",
         "data_text": (
             "Task09_Spleen of the [Medical Segmentation Decathlon](http://medicaldecathlon.com/): 41 labelled portal-"
@@ -120,7 +120,7 @@ TASKS = {
         "num_samples": 4,
         "cache_rate": 1.0,
         "pixdim": [1.5, 1.5, 2.0],
-        "prepare": "python tools/prepare_datalist.py msd /workspace/data/Task03_Liver --val_fraction 0.2",
+        "prepare": "python tools/data/prepare_datalist.py msd /workspace/data/Task03_Liver --val_fraction 0.2",
         "data_source": "Medical Segmentation Decathlon Task03_Liver, http://medicaldecathlon.com/",
         "data_text": (
             "Task03_Liver of the [Medical Segmentation Decathlon](http://medicaldecathlon.com/) (LiTS): 131 labelled "
@@ -151,7 +151,7 @@ TASKS = {
         "num_samples": 2,
         "cache_rate": 0.0,
         "pixdim": [1.0, 1.0, 1.0],
-        "prepare": "python tools/prepare_datalist.py brats /workspace/data/BraTS2020 --val_fraction 0.2",
+        "prepare": "python tools/data/prepare_datalist.py brats /workspace/data/BraTS2020 --val_fraction 0.2",
         "data_source": "BraTS 2020 (Multimodal Brain Tumor Segmentation Challenge), "
         "https://www.med.upenn.edu/cbica/brats2020/data.html",
         "data_text": (
@@ -1014,7 +1014,7 @@ Train from the HybridMIM pretrained backbone (train the `{pre}` bundle first, or
 {run} --config_file {cfg}/train.json --dataset_dir {t['dataset_dir']}
 ```
 
-From pretrained weights someone shared as a bundle zip (packed with the repository's `tools/pack_bundle.py`):
+From pretrained weights someone shared as a bundle zip (packed with the repository's `tools/bundles/pack_bundle.py`):
 download it, then pass the bundle folder:
 
 ```bash

@@ -15,9 +15,9 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
-from tools.bundlegen.common import (ADAMW, ATTACH_RANDOM_STATES, DDP_DEVICE, DDP_NETWORK, RANDOM_STATES,
+from tools.bundles.bundlegen.common import (ADAMW, ATTACH_RANDOM_STATES, DDP_DEVICE, DDP_NETWORK, RANDOM_STATES,
                                     RESUME_GUARANTEE, SAVER, location_keys, metadata_header)
-from tools.bundlegen.figures import performance_section
+from tools.bundles.bundlegen.figures import performance_section
 
 MIM = "hybridmim_components.pretrain_workflow"  # PrepareMIMBatch, loss_terms_transform
 METRICS = "hybridmim_components.pretext_metrics"
@@ -622,13 +622,13 @@ def _metadata(spec: Spec) -> dict:
 
 # --- docs -----------------------------------------------------------------------------------------------------------
 def _memory_text(spec: Spec) -> str:
-    """Host memory per cached volume (figures from `python tools/measure_cache_memory.py`)."""
+    """Host memory per cached volume (figures from `python tools/benchmarks/measure_cache_memory.py`)."""
     if spec.ct:
         return (
             "A CT of 512 × 512 × 200 voxels at 0.8 × 0.8 × 2.5 mm, resampled to 1.5 × 1.5 × 2.0 mm, is a 273 × 273 × "
             "250 grid: 18.6 M voxels, 71 MB before the crop to the body (in general (512 s/1.5)² (200 t/2.0) × 4 "
             "bytes for in-plane spacing s and slice spacing t). Measured on a generated volume of that size "
-            "(`python tools/measure_cache_memory.py --shape 512,512,200 --spacing 0.8,0.8,2.5`): 1 × 227 × 189 × 215 "
+            "(`python tools/benchmarks/measure_cache_memory.py --shape 512,512,200 --spacing 0.8,0.8,2.5`): 1 × 227 × 189 × 215 "
             "voxels cached, 35 MB (the process grew by 57 MB). Caching every volume of a pool of 500 CTs would take "
             f"18-36 GB per process; at most {CACHE_NUM} volumes take 7-14 GB."
         )
@@ -651,9 +651,9 @@ def _readme(spec: Spec) -> str:
             "```json\n{\"training\": [{\"image\": \"imagesTr/ct_000.nii.gz\"}, ...],\n"
             " \"validation\": [{\"image\": \"imagesTr/ct_100.nii.gz\"}, ...],\n"
             " \"testing\": [{\"image\": \"imagesTs/ct_200.nii.gz\"}, ...]}\n```\n\n"
-            "The collection's `tools/prepare_datalist.py` writes it as `<dataset_dir>/datalist.json` (the default "
+            "The collection's `tools/data/prepare_datalist.py` writes it as `<dataset_dir>/datalist.json` (the default "
             "`data_list_file_path`; an absolute path also works):\n\n"
-            "```bash\npython tools/prepare_datalist.py pool /data/ct_a /data/ct_b --dataset_dir /data --val_fraction 0.05\n```"
+            "```bash\npython tools/data/prepare_datalist.py pool /data/ct_a /data/ct_b --dataset_dir /data --val_fraction 0.05\n```"
         )
         preprocessing = (
             "Load, reorient to RAS, resample to 1.5 × 1.5 × 2.0 mm (bilinear), window -1000..1000 HU to [0, 1] "
@@ -669,9 +669,9 @@ def _readme(spec: Spec) -> str:
             "```json\n{\"training\": [{\"image\": [\"BraTS20_Training_001/BraTS20_Training_001_t1.nii.gz\",\n"
             "                            \"..._t1ce.nii.gz\", \"..._t2.nii.gz\", \"..._flair.nii.gz\"]}, ...],\n"
             " \"validation\": [...], \"testing\": [...]}\n```\n\n"
-            "The collection's `tools/prepare_datalist.py` writes it as `<dataset_dir>/datalist.json` (the default "
+            "The collection's `tools/data/prepare_datalist.py` writes it as `<dataset_dir>/datalist.json` (the default "
             "`data_list_file_path`; an absolute path also works):\n\n"
-            "```bash\npython tools/prepare_datalist.py brats /data/BraTS2020\n```"
+            "```bash\npython tools/data/prepare_datalist.py brats /data/BraTS2020\n```"
         )
         preprocessing = (
             "Load the 4 modalities as channels, reorient to RAS, resample to 1 mm (a no-op for BraTS), crop to the "
@@ -747,7 +747,7 @@ Saved in `ckpt_dir` (default `models/`): `model.pt` (backbone only, best `val_re
 {RESUME_GUARANTEE}
 
 To share the weights as a bundle (a zip `python -m monai.bundle download --url ...` accepts, with the SHA-256 of
-`models/model.pt` in `large_files.yml`), run `python tools/pack_bundle.py bundles/{spec.name} --version X.Y.Z` from the
+`models/model.pt` in `large_files.yml`), run `python tools/bundles/pack_bundle.py bundles/{spec.name} --version X.Y.Z` from the
 HybridMIM Bundles repository; a finetune bundle's `pretrained_path` takes the downloaded folder and checks the hash.
 
 ## Memory
