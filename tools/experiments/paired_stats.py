@@ -61,6 +61,16 @@ def _quantile_from_distribution(values: np.ndarray, weights: np.ndarray, q: floa
     return float(values[order][min(index, len(values) - 1)])
 
 
+def _differences(differences: Sequence[float], what: str) -> np.ndarray:
+    """The per-patient differences as float64, refusing an empty or non-finite list (``what`` needs them)."""
+    d = np.asarray([float(x) for x in differences], dtype=np.float64)
+    if len(d) == 0:
+        raise ValueError(f"no paired differences: {what} needs at least one patient")
+    if not np.all(np.isfinite(d)):
+        raise ValueError(f"paired differences must be finite, got {d.tolist()}")
+    return d
+
+
 def paired_bootstrap_ci(differences: Sequence[float], level: float = 0.95, n_resamples: int = 10000,
                         seed: int = 0) -> dict:
     """Mean of the per-patient ``differences`` and its percentile bootstrap ``level`` interval.
@@ -71,12 +81,8 @@ def paired_bootstrap_ci(differences: Sequence[float], level: float = 0.95, n_res
     Returns ``{"mean", "low", "high", "n", "method"}``; ``method`` is ``"exact"`` (all resamples weighted by their
     multinomial probability, n ≤ :data:`EXACT_MAX_N`) or ``"monte carlo (<n_resamples>, seed <seed>)"``.
     """
-    d = np.asarray([float(x) for x in differences], dtype=np.float64)
+    d = _differences(differences, "the bootstrap")
     n = len(d)
-    if n == 0:
-        raise ValueError("no paired differences: the bootstrap needs at least one patient")
-    if not np.all(np.isfinite(d)):
-        raise ValueError(f"paired differences must be finite, got {d.tolist()}")
     alpha = (1.0 - level) / 2.0
     if n <= EXACT_MAX_N:
         means, weights = [], []
@@ -105,12 +111,8 @@ def sign_flip_test(differences: Sequence[float], n_resamples: int = 100000, seed
     ((1 + hits) / (1 + draws)). Returns ``{"p", "min_p", "n", "method"}``; ``min_p`` = 2 / 2^n, the smallest p
     that ``n`` patients allow.
     """
-    d = np.asarray([float(x) for x in differences], dtype=np.float64)
+    d = _differences(differences, "the sign-flip test")
     n = len(d)
-    if n == 0:
-        raise ValueError("no paired differences: the sign-flip test needs at least one patient")
-    if not np.all(np.isfinite(d)):
-        raise ValueError(f"paired differences must be finite, got {d.tolist()}")
     observed = abs(d.sum())
     tol = 1e-9 * max(1.0, float(np.abs(d).sum()))  # the observed pattern itself must count, despite rounding
     if n <= SIGN_FLIP_EXACT_MAX_N:
