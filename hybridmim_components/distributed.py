@@ -1,10 +1,12 @@
 """Helpers for running under ``torch.distributed`` (DDP) or without it, transparently."""
 from __future__ import annotations
 
+import datetime
+
 import torch
 import torch.distributed as dist
 
-__all__ = ["rank_and_world_size", "gather_with_grad"]
+__all__ = ["rank_and_world_size", "gather_with_grad", "shutdown_process_group"]
 
 
 def rank_and_world_size() -> tuple[int, int]:
@@ -26,3 +28,25 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     from torch.distributed.nn.functional import all_gather
 
     return torch.cat(all_gather(x), dim=0)
+
+
+def shutdown_process_group(timeout_s: float = 600.0) -> None:
+    """End of a DDP run: wait for every rank, then destroy the default process group; no-op without one.
+
+    Without the barrier a rank that finished first destroys its process group and exits while others are still
+    working (rank 0 writing ``checkpoint_final``, a last collective). gloo: ``monitored_barrier``, which raises after
+    ``timeout_s`` (naming the missing ranks) or as soon as a peer has exited, instead of hanging; nccl: ``barrier``
+    on this rank's GPU (bounded by the process group's timeout). The group is destroyed even when the barrier fails.
+    MONAI's ``run`` calls ``finalize`` only on success: a rank that raised exits without it, and the others fail at
+    once in their next collective or in this barrier (gloo: peer closed) instead of waiting.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        if dist.get_backend() == "gloo":
+            dist.monitored_barrier(timeout=datetime.timedelta(seconds=timeout_s))
+        else:
+            dist.barrier(device_ids=[torch.cuda.current_device()] if torch.cuda.is_available() else None)
+    finally:
+        dist.destroy_process_group()
+
