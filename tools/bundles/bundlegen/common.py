@@ -133,3 +133,8 @@ RESUME_GUARANTEE = (
     "cosine schedule to the new end (the rate is recomputed at the saved step, logged). A validation before any "
     "training step (`exec_at_start`) never becomes `model.pt`."
 )
+
+# end of a DDP run: every rank waits for the others (rank 0 may still be writing checkpoint_final.pt), then the
+# process group is destroyed; a destroy without that barrier aborted gloo ranks at exit now and then
+DDP_FINALIZE = ["$import hybridmim_components.distributed",
+                "$hybridmim_components.distributed.shutdown_process_group()"]

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import copy
 
-from tools.bundles.bundlegen.common import (ADAMW, ATTACH_RANDOM_STATES, DDP_DEVICE, DDP_NETWORK, RANDOM_STATES,
-                                    RESUME_GUARANTEE, SAVER, location_keys, metadata_header)
+from tools.bundles.bundlegen.common import (ADAMW, ATTACH_RANDOM_STATES, DDP_DEVICE, DDP_FINALIZE, DDP_NETWORK,
+                                            RANDOM_STATES, RESUME_GUARANTEE, SAVER, location_keys, metadata_header)
 from tools.bundles.bundlegen.figures import performance_section
 
 __all__ = ["TASKS", "BACKBONES", "bundle_name", "bundles", "build_bundle"]
@@ -712,7 +712,7 @@ def multi_gpu_config(backbone: str, task: str) -> dict:
             "$@train#nonfinite_guard.attach(@train#trainer)",
         ],
         "run": ["$@train#trainer.run()"],
-        "finalize": ["$dist.is_initialized() and dist.destroy_process_group()"],
+        "finalize": list(DDP_FINALIZE),
     }
 
 

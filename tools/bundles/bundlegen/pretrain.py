@@ -15,8 +15,8 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
-from tools.bundles.bundlegen.common import (ADAMW, ATTACH_RANDOM_STATES, DDP_DEVICE, DDP_NETWORK, RANDOM_STATES,
-                                    RESUME_GUARANTEE, SAVER, location_keys, metadata_header)
+from tools.bundles.bundlegen.common import (ADAMW, ATTACH_RANDOM_STATES, DDP_DEVICE, DDP_FINALIZE, DDP_NETWORK,
+                                            RANDOM_STATES, RESUME_GUARANTEE, SAVER, location_keys, metadata_header)
 from tools.bundles.bundlegen.figures import performance_section
 
 MIM = "hybridmim_components.pretrain_workflow"  # PrepareMIMBatch, loss_terms_transform
@@ -450,7 +450,7 @@ def _multi_gpu_config(train: dict) -> dict:
         *_train_initialize(seed=RANK_SEED, saver_condition="dist.get_rank() == 0"),
     ]
     config["run"] = ["$@train#trainer.run()"]
-    config["finalize"] = ["$dist.is_initialized() and dist.destroy_process_group()"]
+    config["finalize"] = list(DDP_FINALIZE)
     return config
 
 
