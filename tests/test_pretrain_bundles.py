@@ -236,28 +236,14 @@ def test_pretrain_multi_gpu_config_two_cpu_processes(demo_data, tmp_path):
     """torchrun with 2 CPU processes (gloo): DDP training, validation metrics reduced over ranks, rank 0 saves."""
     name = "hybridmim_unet_pretrain"
     bundle = os.path.join(BUNDLES_DIR, name)
-
-    def attempt(run_dir):
-        args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
-                f"--master_port={_free_port()}", "-m", "monai.bundle", "run",
-                "--config_file", "['configs/train.json','configs/multi_gpu_train.json']",
-                "--meta_file", "configs/metadata.json", "--logging_file", "configs/logging.conf",
-                "--bundle_root", bundle, *_data_overrides(demo_data, "ct"), *WIDTH["unet"], *SHAPE, *TRAIN_SMALL,
-                "--ckpt_dir", str(run_dir / "models"), "--output_dir", str(run_dir / "eval")]
-        return subprocess.run(args, cwd=bundle, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
-
-    proc = attempt(tmp_path / "first")
+    args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
+            f"--master_port={_free_port()}", "-m", "monai.bundle", "run",
+            "--config_file", "['configs/train.json','configs/multi_gpu_train.json']",
+            "--meta_file", "configs/metadata.json", "--logging_file", "configs/logging.conf",
+            "--bundle_root", bundle, *_data_overrides(demo_data, "ct"), *WIDTH["unet"], *SHAPE, *TRAIN_SMALL,
+            "--ckpt_dir", str(tmp_path / "models"), "--output_dir", str(tmp_path / "eval")]
+    proc = subprocess.run(args, cwd=bundle, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
     output = proc.stdout + proc.stderr
-    # Known, rare (1 in ~8 loaded runs, not reproduced alone): a gloo rank aborts in C++ at the end of the epoch
-    # ("terminate called without an active exception", SIGABRT). Under investigation; only that exact crash is
-    # retried once, any other failure fails at once, and the retry must pass every assertion below.
-    if proc.returncode != 0 and "terminate called without an active exception" in output and "SIGABRT" in output:
-        warnings.warn("gloo rank aborted (SIGABRT) at epoch end; retrying the 2-process run once")
-        proc = attempt(tmp_path / "retry")
-        output = proc.stdout + proc.stderr
-        tmp_path = tmp_path / "retry"
-    else:
-        tmp_path = tmp_path / "first"
     assert proc.returncode == 0, f"2-process DDP training failed (exit {proc.returncode}):\n{output[-6000:]}"
     log, ckpt_dir = output, tmp_path / "models"
     assert log.count("Metrics -- ") == 1, "validation metrics must be logged by rank 0 only"
