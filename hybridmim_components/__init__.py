@@ -1,8 +1,10 @@
-"""HybridMIM components for MONAI bundles: masking, pretraining networks, losses, weight transfer, workflow glue.
+"""HybridMIM components for MONAI bundles.
 
-Each concern lives in its own module; the names bundles reference by ``_target_`` are re-exported here.
+The method lives here, one module per concern: two-level masking (``masking``), the pretraining networks
+(``networks``; ``reconstruction`` for inference), the five losses (``losses``) and pretrained-weight transfer
+(``transfer``); the method's names bundles reference by ``_target_`` are re-exported here. The glue a bundle needs
+around it (data, checks, checkpoints, metrics, handlers) is :mod:`hybridmim_components.workflow`.
 """
-from .flags import config_flag
 from .losses import (
     DropoutContrastiveLoss,
     HybridMIMLoss,

@@ -20,8 +20,8 @@ from hybridmim_components import (
     MaskNumberLoss,
     PartialRegionReconstructionLoss,
 )
-from hybridmim_components.checkpoints import GradScalerState
-from hybridmim_components.mixed_precision import AMP_DTYPES, amp_kwargs
+from hybridmim_components.workflow.checkpoints import GradScalerState
+from hybridmim_components.workflow.mixed_precision import AMP_DTYPES, amp_kwargs
 from hybridmim_components.masking import MIM_COUNT, MIM_LOCATION, MIM_PATCH_MASK, MIM_TARGET
 
 B, N, P = 3, 8, 16  # batch, sub-volumes (2×2×2 of 32³ in a 64³ crop), embedding size
@@ -184,7 +184,7 @@ def test_grad_scaler_state_without_a_scaler_saves_and_resumes(tmp_path, caplog):
     saved = torch.load(path, weights_only=True)["grad_scaler"]
 
     fresh = torch.amp.GradScaler("cpu", init_scale=2.0**12)
-    with caplog.at_level(logging.INFO, logger="hybridmim_components.checkpoints"):
+    with caplog.at_level(logging.INFO, logger="hybridmim_components.workflow.checkpoints"):
         GradScalerState(_Trainer(fresh)).load_state_dict(saved)  # float32 checkpoint, AMP resume: scaler untouched
         assert fresh.get_scale() == 2.0**12
         GradScalerState(_Trainer(None)).load_state_dict(GradScalerState(_Trainer(_calibrated_scaler())).state_dict())
@@ -217,12 +217,12 @@ def test_every_bundle_saves_and_resumes_the_grad_scaler_and_passes_amp_dtype():
     for name, cfg in configs.items():
         train = cfg["train"]
         assert cfg["amp_dtype"] == "float16", name  # MONAI's default stays the default
-        assert train["grad_scaler"]["_target_"] == "hybridmim_components.checkpoints.GradScalerState", name
+        assert train["grad_scaler"]["_target_"] == "hybridmim_components.workflow.GradScalerState", name
         assert train["grad_scaler"]["trainer"] == "@train#trainer", name
         assert train["checkpoint_saver"]["save_dict"]["grad_scaler"] == "@train#grad_scaler", name
         assert train["checkpoint_loader"]["load_dict"]["grad_scaler"] == "@train#grad_scaler", name
         for engine in (train["trainer"], cfg["validate"]["evaluator"]):
-            assert engine["amp_kwargs"] == "$hybridmim_components.mixed_precision.amp_kwargs(@amp_dtype)", name
+            assert engine["amp_kwargs"] == "$hybridmim_components.workflow.amp_kwargs(@amp_dtype)", name
 
 
 def test_bundle_amp_dtype_override_reaches_the_engine_arguments():

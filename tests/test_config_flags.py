@@ -12,7 +12,7 @@ import os
 import pytest
 from monai.bundle import ConfigParser
 
-from hybridmim_components import config_flag
+from hybridmim_components.workflow import config_flag
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGS = ("amp", "resume", "save_predictions")

@@ -1,10 +1,10 @@
-"""hybridmim_components.data.load_datalist: path resolution, entry forms, errors, label_fraction selection."""
+"""hybridmim_components.workflow.data.load_datalist: path resolution, entry forms, errors, label_fraction selection."""
 import json
 import os
 
 import pytest
 
-from hybridmim_components.data import fraction_indices, load_datalist, select_fraction
+from hybridmim_components.workflow.data import fraction_indices, load_datalist, select_fraction
 
 
 def _touch(root, *rels):
@@ -161,7 +161,7 @@ def test_fraction_helpers():
 
 
 def test_partition_for_rank_without_process_group_is_everything():
-    from hybridmim_components.data import partition_for_rank
+    from hybridmim_components.workflow.data import partition_for_rank
 
     assert partition_for_rank(["a", "b", "c"], shuffle=True, even_divisible=True) == ["a", "b", "c"]
 
@@ -172,7 +172,7 @@ def test_partition_for_rank_shards_under_ddp(monkeypatch, even, expected):
     """Each of 2 processes gets entries r, r + 2, ...; even_divisible repeats the first to equal lengths."""
     import torch.distributed as dist
 
-    from hybridmim_components.data import partition_for_rank
+    from hybridmim_components.workflow.data import partition_for_rank
 
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
     monkeypatch.setattr(dist, "get_world_size", lambda: 2)
@@ -189,7 +189,7 @@ def test_partition_for_rank_shards_under_ddp(monkeypatch, even, expected):
 def test_partition_for_rank_needs_an_entry_per_process(monkeypatch):
     import torch.distributed as dist
 
-    from hybridmim_components.data import partition_for_rank
+    from hybridmim_components.workflow.data import partition_for_rank
 
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
     monkeypatch.setattr(dist, "get_world_size", lambda: 4)

@@ -6,7 +6,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from hybridmim_components.data import load_datalist
+from hybridmim_components.workflow.data import load_datalist
 from tools.data.make_demo_data import make_brats_dataset, make_ct_dataset, make_unlabeled_ct_pool, organ_hu
 
 

@@ -40,7 +40,7 @@ def make_fake_wheel(path, tmp_path, with_license: bool = True) -> str:
 
 
 def test_prepare_converts_the_four_patients_and_prints_the_citation(tmp_path, capsys):
-    from hybridmim_components.input_checks import check_datalist
+    from hybridmim_components.workflow.input_checks import check_datalist
 
     wheel = make_fake_wheel(tmp_path / lung.WHEEL_FILE, tmp_path)
     out = tmp_path / "lung"

@@ -436,7 +436,7 @@ def test_hausdorff_distance_95_is_in_millimetres():
     pytest.importorskip("scipy")
     from monai.data import MetaTensor
 
-    from hybridmim_components.finetune_workflow import HausdorffDistance95
+    from hybridmim_components.workflow.finetune import HausdorffDistance95
 
     label = torch.zeros(2, 12, 12, 12)
     label[1, 3:7, 3:7, 3:7] = 1
@@ -455,7 +455,7 @@ def test_hausdorff_distance_95_is_in_millimetres():
 def test_brats_classes_to_label_map_inverts_the_multichannel_conversion():
     from monai.transforms import ConvertToMultiChannelBasedOnBratsClasses
 
-    from hybridmim_components.finetune_workflow import BratsClassesToLabelMapd
+    from hybridmim_components.workflow.finetune import BratsClassesToLabelMapd
 
     label = torch.zeros(1, 6, 6, 6, dtype=torch.uint8)
     label[0, 1:5, 1:5, 1:5] = 2
@@ -467,7 +467,7 @@ def test_brats_classes_to_label_map_inverts_the_multichannel_conversion():
 
 
 def test_check_roi_size_names_the_bad_sides():
-    from hybridmim_components.finetune_workflow import check_roi_size
+    from hybridmim_components.workflow.finetune import check_roi_size
 
     check_roi_size([96, 96, 64], 32)
     with pytest.raises(ValueError, match=r"roi_size=\[96, 96, 48\].*multiples of 32.*\[48\]"):

@@ -1,4 +1,4 @@
-"""Bad input stops a bundle before training with one message naming the culprit (hybridmim_components.input_checks).
+"""Bad input stops a bundle before training with one message naming the culprit (hybridmim_components.workflow.input_checks).
 
 Fast tests call :func:`check_datalist` on tiny NIfTI files written with nibabel in tmp dirs; the slow ones drive the
 same bad inputs through ``python -m monai.bundle run`` for a pretraining and a finetuning bundle and check that the
@@ -17,7 +17,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from hybridmim_components.input_checks import DataCheckError, check_contrastive_batch, check_datalist
+from hybridmim_components.workflow.input_checks import DataCheckError, check_contrastive_batch, check_datalist
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUNDLES = os.path.join(REPO_ROOT, "bundles")
@@ -282,7 +282,7 @@ def test_check_data_neither_true_nor_false(ct):
 
 
 def test_only_the_label_fraction_trained_on_is_read(ct):
-    from hybridmim_components.data import fraction_indices
+    from hybridmim_components.workflow.data import fraction_indices
 
     kept = fraction_indices(3, 1 / 3, seed=0)  # one of the three training cases
     dropped = next(i for i in range(3) if i not in kept)
@@ -295,7 +295,7 @@ def test_only_the_label_fraction_trained_on_is_read(ct):
 @pytest.mark.parametrize("weight,batch,samples,warns", [(0.1, 1, 1, True), (0.1, 2, 1, False), (0.1, 1, 2, False),
                                                         (0.0, 1, 1, False)])
 def test_contrastive_term_without_negatives_warns(caplog, weight, batch, samples, warns):
-    with caplog.at_level(logging.WARNING, logger="hybridmim_components.input_checks"):
+    with caplog.at_level(logging.WARNING, logger="hybridmim_components.workflow.input_checks"):
         assert check_contrastive_batch(weight, batch, samples) is warns
     messages = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     if warns:

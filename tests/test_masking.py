@@ -118,7 +118,7 @@ def test_zero_padding_is_not_masking_in_the_loss_and_the_metric():
     from monai.transforms import SpatialPadd
 
     from hybridmim_components import HybridMIMLoss
-    from hybridmim_components.pretext_metrics import MaskedReconstructionMSE
+    from hybridmim_components.workflow.pretext_metrics import MaskedReconstructionMSE
 
     image = torch.rand(1, 16, 64, 64) + 1.0  # strictly positive content: only padding and masking are 0
     data = Compose([SpatialPadd("image", (64, 64, 64)), HierarchicalMaskd("image", mask_ratio=0.4)])

@@ -19,7 +19,7 @@ import torch
 from ignite.engine import Events
 from monai.engines import SupervisedTrainer
 
-from hybridmim_components.nonfinite import NonFiniteLossError, NonFiniteLossGuard
+from hybridmim_components.workflow.nonfinite import NonFiniteLossError, NonFiniteLossGuard
 
 
 class _NanOn(torch.nn.Module):
@@ -86,7 +86,7 @@ def test_without_the_guard_one_nan_loss_poisons_the_weights():
 def test_nan_loss_skips_the_step_and_is_logged(caplog):
     guard = NonFiniteLossGuard(max_nonfinite_steps=5)
     trainer, net, weights = _trainer(_NanOn(nan_at={2, 3}), 4, guard)
-    with caplog.at_level(logging.WARNING, logger="hybridmim_components.nonfinite"):
+    with caplog.at_level(logging.WARNING, logger="hybridmim_components.workflow.nonfinite"):
         trainer.run()
     # iterations 2 and 3 changed nothing (not even AdamW's weight decay); 1 and 4 stepped
     assert torch.equal(weights[1], weights[0]) and torch.equal(weights[2], weights[0])
@@ -154,7 +154,7 @@ def test_amp_finite_loss_with_non_finite_gradients_is_counted_and_stops(dtype, c
     # GradScaler skips these steps itself (optimizer.step is never called); the guard must still count them
     guard = NonFiniteLossGuard(max_nonfinite_steps=3)
     trainer, net, weights = _trainer(_NanOn(inf_grad_at={2, 3, 4, 5}), 6, guard, amp_dtype=AMP[dtype])
-    with caplog.at_level(logging.WARNING, logger="hybridmim_components.nonfinite"):
+    with caplog.at_level(logging.WARNING, logger="hybridmim_components.workflow.nonfinite"):
         with pytest.raises(NonFiniteLossError, match=r"iteration 4: .*3 iterations in a row"):
             trainer.run()
     assert trainer.state.iteration == 4 and guard.total == 3

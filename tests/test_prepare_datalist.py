@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from hybridmim_components.data import load_datalist
+from hybridmim_components.workflow.data import load_datalist
 from tools.data import prepare_datalist as prep
 
 BTCV_LABELLED = list(range(1, 11)) + list(range(21, 41))  # the 30 labelled BTCV cases

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from hybridmim_components.pretext_baselines import (
+from hybridmim_components.workflow.pretext_baselines import (
     LocationAccuracyBaseline,
     MaskedReconstructionBaseline,
     NumberAccuracyBaseline,

@@ -10,12 +10,12 @@ import torch
 import torch.multiprocessing as mp
 
 from hybridmim_components.masking import patch_mask_to_labels
-from hybridmim_components.pretext_baselines import (
+from hybridmim_components.workflow.pretext_baselines import (
     LocationAccuracyBaseline,
     MaskedReconstructionBaseline,
     NumberAccuracyBaseline,
 )
-from hybridmim_components.pretext_metrics import LocationAccuracy, MaskedReconstructionMSE, NumberAccuracy
+from hybridmim_components.workflow.pretext_metrics import LocationAccuracy, MaskedReconstructionMSE, NumberAccuracy
 
 METRICS = {
     "recon_mse": MaskedReconstructionMSE,

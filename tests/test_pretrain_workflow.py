@@ -10,22 +10,22 @@ import torch
 from ignite.engine import Engine
 from monai.utils import CommonKeys as Keys
 
-from hybridmim_components.checkpoints import (
+from hybridmim_components.workflow.checkpoints import (
     BestMetricState,
     ResumeFromLatestCheckpoint,
     latest_checkpoint,
     load_pretrain_checkpoint,
 )
-from hybridmim_components.pretext_metrics import (
+from hybridmim_components.workflow.pretext_metrics import (
     LocationAccuracy,
     MaskedReconstructionMSE,
     NumberAccuracy,
     lower_is_better,
 )
-from hybridmim_components.pretrain_workflow import PrepareMIMBatch, loss_terms_transform
-from hybridmim_components.previews import MIMPreviewHandler
-from hybridmim_components.progress import TrainProgressBar, loss_of
-from hybridmim_components.seeding import ReseedHandler
+from hybridmim_components.workflow.pretrain import PrepareMIMBatch, loss_terms_transform
+from hybridmim_components.workflow.previews import MIMPreviewHandler
+from hybridmim_components.workflow.progress import TrainProgressBar, loss_of
+from hybridmim_components.workflow.seeding import ReseedHandler
 
 
 def _mse_example():
@@ -281,7 +281,7 @@ def test_progress_bar_shows_the_loss(output, capsys):
 def test_progress_bar_reads_the_loss_without_a_grad_warning():
     import warnings
 
-    from hybridmim_components.progress import loss_of
+    from hybridmim_components.workflow.progress import loss_of
 
     loss = torch.tensor(0.5, requires_grad=True) * 2  # the trainer's output loss still carries its graph
     with warnings.catch_warnings():

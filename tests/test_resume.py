@@ -131,7 +131,7 @@ def _full_checkpoint(path, iteration: int, epoch: int) -> None:
 
 def test_resume_picks_the_most_progressed_checkpoint_not_the_newest_file(tmp_path):
     """A copied ``ckpt_dir`` gives the files new modification times: progress is read from the files."""
-    from hybridmim_components.checkpoints import latest_checkpoint
+    from hybridmim_components.workflow.checkpoints import latest_checkpoint
 
     _full_checkpoint(tmp_path / "checkpoint_epoch=2.pt", 20, 2)
     _full_checkpoint(tmp_path / "checkpoint_epoch=3.pt", 30, 3)
@@ -142,7 +142,7 @@ def test_resume_picks_the_most_progressed_checkpoint_not_the_newest_file(tmp_pat
 
 
 def test_a_corrupt_newest_checkpoint_is_named_and_the_previous_used(tmp_path, caplog):
-    from hybridmim_components.checkpoints import latest_checkpoint
+    from hybridmim_components.workflow.checkpoints import latest_checkpoint
 
     _full_checkpoint(tmp_path / "checkpoint_epoch=3.pt", 30, 3)
     (tmp_path / "checkpoint_final.pt").write_bytes(b"PK\x03\x04 truncated")
@@ -157,7 +157,7 @@ def test_a_corrupt_newest_checkpoint_is_named_and_the_previous_used(tmp_path, ca
 # -------------------------------------------------------------------------------------- loads before validation
 def test_checkpoint_loads_before_any_other_start_handler(tmp_path):
     """A validation at start (``exec_at_start``) registered before the loader must already see the restored net."""
-    from hybridmim_components.checkpoints import ResumeFromLatestCheckpoint
+    from hybridmim_components.workflow.checkpoints import ResumeFromLatestCheckpoint
 
     trained = torch.nn.Linear(2, 2)
     done = _engine()
@@ -187,7 +187,7 @@ def test_resume_with_more_epochs_follows_the_schedule_to_the_new_end(tmp_path):
     """Old code restored ``t_total`` from the file: past it the cosine climbed back up."""
     from monai.optimizers import WarmupCosineSchedule
 
-    from hybridmim_components.checkpoints import ResumeFromLatestCheckpoint
+    from hybridmim_components.workflow.checkpoints import ResumeFromLatestCheckpoint
 
     def build(total):
         param = torch.nn.Parameter(torch.zeros(1))
@@ -223,7 +223,7 @@ def test_random_states_round_trip_through_a_weights_only_checkpoint(tmp_path):
     from monai.transforms import Compose, RandFlipd, RandSpatialCropSamplesd
 
     from hybridmim_components import HierarchicalMaskd
-    from hybridmim_components.seeding import RandomStates
+    from hybridmim_components.workflow.seeding import RandomStates
 
     def pipeline():
         return Compose([RandSpatialCropSamplesd("image", roi_size=[8, 8, 8], num_samples=2, random_size=False),

@@ -430,7 +430,7 @@ def make_patients(root, n=3) -> list[str]:
 
 
 def test_datalist_mode_writes_pairs_usable_by_binary_finetune_bundles(tmp_path):
-    from hybridmim_components.input_checks import check_datalist
+    from hybridmim_components.workflow.input_checks import check_datalist
 
     patients = make_patients(tmp_path / "patients", 3)
     out = tmp_path / "out"

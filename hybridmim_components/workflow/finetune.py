@@ -2,7 +2,7 @@
 
 Three small pieces, each referenced from the bundles' configs:
 
-- :func:`latest_checkpoint` (from :mod:`hybridmim_components.checkpoints`): the full checkpoint to resume from.
+- :func:`latest_checkpoint` (from :mod:`hybridmim_components.workflow.checkpoints`): the full checkpoint to resume from.
 - :class:`HausdorffDistance95`: MONAI's ``HausdorffDistance`` handler measured in millimetres, the voxel spacing read
   from each prediction's affine (MONAI's handler passes no spacing and so reports voxels).
 - :class:`BratsClassesToLabelMapd`: the inverse of ``ConvertToMultiChannelBasedOnBratsClassesd``: TC/WT/ET channels
@@ -23,7 +23,7 @@ from monai.metrics import HausdorffDistanceMetric
 from monai.transforms import MapTransform, Transform
 from monai.utils import convert_to_dst_type
 
-from hybridmim_components.checkpoints import latest_checkpoint
+from hybridmim_components.workflow.checkpoints import latest_checkpoint
 
 __all__ = ["check_roi_size", "latest_checkpoint", "HausdorffDistance95", "BratsClassesToLabelMap", "BratsClassesToLabelMapd"]
 

@@ -3,7 +3,7 @@
 The bundles call these functions first in ``initialize``, before any data is loaded or cached: a wrong file found
 after hours of caching or at step 30,000 costs far more than one read of every file.
 
-- :func:`check_datalist`: the datalist (via :func:`hybridmim_components.data.load_datalist`: valid JSON, non-empty
+- :func:`check_datalist`: the datalist (via :func:`hybridmim_components.workflow.data.load_datalist`: valid JSON, non-empty
   sections, entries with the required keys, every file present) and then every referenced file, read once in full
   (a truncated ``.nii.gz`` only fails when its voxels are decompressed): readable, 3D, the number of image channels
   the network takes, finite voxels, labels among the bundle's classes and on the image's grid (same shape, and
@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from hybridmim_components.flags import config_flag
-from hybridmim_components.data import load_datalist, resolve_datalist_path
+from hybridmim_components.workflow.flags import config_flag
+from hybridmim_components.workflow.data import load_datalist, resolve_datalist_path
 from hybridmim_components.distributed import rank_and_world_size
 
 __all__ = ["DataCheckError", "check_datalist", "check_volume_files", "check_contrastive_batch", "MAX_NAMED_PROBLEMS",

@@ -2,7 +2,7 @@
 
 A pretext metric means little alone: 30 % number accuracy is good when counts are spread over 9 values and poor when
 one count dominates. Each baseline is what a predictor that ignores the image scores, accumulated over the epoch and
-all-reduced across ranks like the metrics themselves (:mod:`hybridmim_components.pretext_metrics`):
+all-reduced across ranks like the metrics themselves (:mod:`hybridmim_components.workflow.pretext_metrics`):
 
 - :class:`NumberAccuracyBaseline`: always predict the most frequent count of the evaluated set (the mode).
 - :class:`LocationAccuracyBaseline`: always predict the more frequent state (masked or visible) for every patch.
@@ -17,7 +17,7 @@ import torch
 from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
 
 from hybridmim_components.masking import masked_voxels_in_region, patches_to_voxels
-from hybridmim_components.pretext_metrics import _SumCountMetric
+from hybridmim_components.workflow.pretext_metrics import _SumCountMetric
 
 __all__ = ["NumberAccuracyBaseline", "LocationAccuracyBaseline", "MaskedReconstructionBaseline"]
 
@@ -69,7 +69,7 @@ class MaskedReconstructionBaseline(_SumCountMetric):
     """MSE of predicting each masked voxel of the region by the mean of its crop's visible voxels.
 
     ``m_bc = mean_{v visible} x_bcv`` over the whole crop; ``Σ_{b,c,v ∈ R masked} (m_bc − x_bcv)² / (C · #masked in
-    R)``, the same voxels and weighting as :class:`~hybridmim_components.pretext_metrics.MaskedReconstructionMSE`.
+    R)``, the same voxels and weighting as :class:`~hybridmim_components.workflow.pretext_metrics.MaskedReconstructionMSE`.
     Inputs: ``targets["mim_target"]`` ``B×C×D×H×W``, ``targets["mim_patch_mask"]`` ``B×d×h×w``,
     ``pred["region_slices"]``.
     """

@@ -8,7 +8,7 @@ Each metric is a mean ``sum / count`` accumulated over the epoch and all-reduced
 
 They read the (not decollated) engine output: ``"pred"``, the network's output dict (``reconstruction``
 ``B×C×Rd×Rh×Rw``, ``region_slices``, ``number_logits`` ``B×N×9``, ``location_logits`` ``B×N×8``) and ``"label"``,
-the ``mim_*`` targets of :class:`hybridmim_components.pretrain_workflow.PrepareMIMBatch`.
+the ``mim_*`` targets of :class:`hybridmim_components.workflow.pretrain.PrepareMIMBatch`.
 """
 from __future__ import annotations
 

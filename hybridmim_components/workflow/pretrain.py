@@ -8,10 +8,10 @@ of ``HierarchicalMaskd``. This module supplies:
 - :func:`loss_terms_transform`: an ``output_transform`` for ``StatsHandler``/``TensorBoardStatsHandler`` that logs every
   loss term (``loss.last_terms``) and the learning rate.
 
-The other pieces of the pretraining workflow live by concern: :mod:`hybridmim_components.pretext_metrics` (validation
-metrics), :mod:`hybridmim_components.previews` (TensorBoard preview, NIfTI outputs), :mod:`hybridmim_components.seeding`
-(same masks at every validation), :mod:`hybridmim_components.checkpoints` (resume, best validation, loading weights),
-:mod:`hybridmim_components.progress` (progress bar).
+The other pieces of the pretraining workflow live by concern: :mod:`hybridmim_components.workflow.pretext_metrics` (validation
+metrics), :mod:`hybridmim_components.workflow.previews` (TensorBoard preview, NIfTI outputs), :mod:`hybridmim_components.workflow.seeding`
+(same masks at every validation), :mod:`hybridmim_components.workflow.checkpoints` (resume, best validation, loading weights),
+:mod:`hybridmim_components.workflow.progress` (progress bar).
 
 Engine outputs (``engine.state.output``, not decollated) are dicts with ``"image"`` (masked crops ``B×C×D×H×W``),
 ``"label"`` (the targets dict of :class:`PrepareMIMBatch`) and ``"pred"`` (the network's output dict:

@@ -354,12 +354,12 @@ def _looks_like_label(path: str) -> bool:
 
 def _held_out_images(datalists: Sequence[str], dataset_dir: Optional[str] = None) -> List[str]:
     """Real paths of the validation/testing images of the downstream datalists, resolved as the bundles do
-    (:func:`hybridmim_components.data.load_datalist`: relative to ``dataset_dir``, else the datalist's folder).
+    (:func:`hybridmim_components.workflow.data.load_datalist`: relative to ``dataset_dir``, else the datalist's folder).
 
     Raises:
         FileNotFoundError: a datalist, or an image one of them lists, does not exist (naming it).
     """
-    from hybridmim_components.data import load_datalist, resolve_datalist_path
+    from hybridmim_components.workflow.data import load_datalist, resolve_datalist_path
 
     held_out: List[str] = []
     for datalist in datalists:

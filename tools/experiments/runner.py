@@ -35,7 +35,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__fi
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
-from hybridmim_components.data import DEFAULT_PATH_KEYS, resolve_datalist_path  # noqa: E402
+from hybridmim_components.workflow.data import DEFAULT_PATH_KEYS, resolve_datalist_path  # noqa: E402
 from tools import demo  # noqa: E402
 from tools.bundles.bundle_runner import (  # noqa: E402
     BUNDLES,
@@ -50,6 +50,8 @@ from tools.data.file_identity import content_hash  # noqa: E402
 
 SMALL_PRETRAIN, SMALL_FINETUNE = "hybridmim_unet_pretrain", "hybridmim_unet_msd_spleen"
 #: Settings of ``--small`` common to all experiments (each experiment adds its own; the command line wins).
+#: Crop of every ``--small`` run (the reports in docs/experiments were measured with it; the demo's own is smaller)
+SMALL_CROP = [64, 64, 32]
 SMALL_COMMON = {
     "device": "cpu",
     "features": [8, 8, 16, 32, 64, 8],
@@ -182,7 +184,7 @@ def provenance(args: argparse.Namespace, synthetic: bool) -> str:
 
 def training_cases(args: argparse.Namespace, label_fraction: float) -> int:
     """How many training cases the finetune bundle keeps at ``label_fraction`` (the bundle's own selection code)."""
-    from hybridmim_components.data import load_datalist
+    from hybridmim_components.workflow.data import load_datalist
 
     return len(load_datalist(args.dataset_dir, args.datalist, "training", label_fraction=label_fraction,
                              required_keys=("image", "label"), check_files=False))
@@ -195,6 +197,7 @@ def pretrain_overrides(args: argparse.Namespace, run_dir: str, seed: int, extra:
              "ckpt_dir": os.path.join(run_dir, "models"), "output_dir": os.path.join(run_dir, "eval"), "seed": seed}
     if args.small:
         demo_args = argparse.Namespace(data_dir=args.pool_dir, features=args.features, seed=seed, device=args.device,
+                                       crop=SMALL_CROP,
                                        pretrain_steps=args.pretrain_steps, pretrain_lr=args.pretrain_lr,
                                        pretrain_validations=args.pretrain_validations, pretrain_override=[])
         out = demo.pretrain_overrides(demo_args, run_dir)
@@ -255,6 +258,7 @@ def finetune_overrides(args: argparse.Namespace, run_dir: str, pretrained: str |
             raise ExperimentError(f"--small runs the UNet CT bundles of tools/demo.py ({', '.join(tasks)}), "
                                   f"not --finetune_bundle {args.finetune_bundle}")
         demo_args = argparse.Namespace(data_dir=args.dataset_dir, features=args.features, device=args.device,
+                                       crop=SMALL_CROP,
                                        task=tasks[args.finetune_bundle], finetune_steps=epochs,
                                        finetune_lr=args.finetune_lr)
         out = demo.finetune_overrides(demo_args, run_dir, pretrained)

@@ -110,12 +110,14 @@ def common_files() -> dict:
     """Files identical in every bundle."""
     return {"configs/logging.conf": LOGGING_CONF, "LICENSE": LICENSE, "models/.gitkeep": ""}
 
+# the package of the workflow glue: every name the bundles use is re-exported there
+WORKFLOW = "hybridmim_components.workflow"
 # MONAI's CheckpointSaver writing atomically (temp file + rename; an old checkpoint is deleted only after its
 # successor is complete) and never saving a best model from a validation before any training step
-SAVER = "hybridmim_components.checkpoints.CrashSafeCheckpointSaver"
+SAVER = "hybridmim_components.workflow.CrashSafeCheckpointSaver"
 # the random states of training (torch, numpy, python, the transforms' own generators; every rank under DDP) in the
 # full checkpoint, so that a resumed run continues exactly as an uninterrupted one
-RANDOM_STATES = {"_target_": "hybridmim_components.seeding.RandomStates", "trainer": "@train#trainer",
+RANDOM_STATES = {"_target_": "hybridmim_components.workflow.RandomStates", "trainer": "@train#trainer",
                  "transforms": "@train#preprocessing"}
 # snapshot the random states at every epoch end on every rank, before the checkpoint saver writes them
 ATTACH_RANDOM_STATES = "$@train#random_states.attach(@train#trainer)"

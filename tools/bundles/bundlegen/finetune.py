@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 
-from tools.bundles.bundlegen.common import (ADAMW, ATTACH_RANDOM_STATES, DDP_DEVICE, DDP_FINALIZE, DDP_NETWORK,
+from tools.bundles.bundlegen.common import (WORKFLOW, ADAMW, ATTACH_RANDOM_STATES, DDP_DEVICE, DDP_FINALIZE, DDP_NETWORK,
                                             RANDOM_STATES, RESUME_GUARANTEE, SAVER, location_keys, metadata_header)
 from tools.bundles.bundlegen.figures import performance_section
 
@@ -209,9 +209,8 @@ FROM_LOSS = "$monai.handlers.from_engine(['loss'], first=True)"
 SEED = 123
 # under torchrun every rank draws its own crops and augmentations: seed + global rank (RANK, set by torchrun)
 RANK_SEED = "@seed + int(os.environ.get('RANK', '0'))"
-CHECKPOINTS = "hybridmim_components.checkpoints"
 # one progress bar (with the loss) for both bundle families, listed in train#handlers
-PROGRESS_BAR = {"_target_": "hybridmim_components.progress.TrainProgressBar"}
+PROGRESS_BAR = {"_target_": "hybridmim_components.workflow.TrainProgressBar"}
 FULL_CHECKPOINT = {"model": "@network", "optimizer": "@optimizer", "lr_scheduler": "@lr_scheduler",
                    "trainer": "@train#trainer", "best_validation": "@train#best_validation",
                    "grad_scaler": "@train#grad_scaler", "random_states": "@train#random_states"}
@@ -395,13 +394,13 @@ def _save_evaluated_segmentation(task: str) -> dict:
     """evaluate.json: each validation case's label map (as inference.json writes it), from the discretised ``pred``
     already inverted to the input grid, so it overlays the input image; off with ``save_predictions`` false."""
     to_label_map = (
-        {"_target_": "hybridmim_components.finetune_workflow.BratsClassesToLabelMapd", "keys": "seg"}
+        {"_target_": "hybridmim_components.workflow.BratsClassesToLabelMapd", "keys": "seg"}
         if TASKS[task]["sigmoid"]
         else {"_target_": "AsDiscreted", "keys": "seg", "argmax": True}  # one-hot -> label values
     )
     return {
         "_target_": "Compose",
-        "_disabled_": "$not hybridmim_components.config_flag(@save_predictions, 'save_predictions')",
+        "_disabled_": "$not hybridmim_components.workflow.config_flag(@save_predictions, 'save_predictions')",
         "transforms": [
             {"_target_": "CopyItemsd", "keys": "pred", "names": "seg"},
             to_label_map,
@@ -437,8 +436,7 @@ def train_config(backbone: str, task: str) -> dict:
     roi = [t["roi"]] * 3
     cfg: dict = {
         "imports": ["$import os", "$import torch", "$import hybridmim_components",
-                    "$import hybridmim_components.data", "$import hybridmim_components.finetune_workflow",
-                    "$import hybridmim_components.mixed_precision"],
+                    "$import hybridmim_components.workflow"],
         **location_keys(t["dataset_dir"]),
         "pretrained_path": f"$@bundle_root + '/../{pretrain_bundle(backbone, task)}/models/model.pt'",
         "label_fraction": 1.0,
@@ -496,7 +494,7 @@ def train_config(backbone: str, task: str) -> dict:
         },
         "dataset": {
             "_target_": "CacheDataset",
-            "data": "$hybridmim_components.data.load_datalist(@dataset_dir, @data_list_file_path, 'training', "
+            "data": "$hybridmim_components.workflow.load_datalist(@dataset_dir, @data_list_file_path, 'training', "
             "label_fraction=@label_fraction, required_keys=('image', 'label'))",
             "transform": "@train#preprocessing",
             "cache_rate": "@cache_rate",
@@ -530,8 +528,8 @@ def train_config(backbone: str, task: str) -> dict:
             "optimizer": "@optimizer",
             "inferer": "@train#inferer",
             "train_handlers": "@train#handlers",
-            "amp": "$hybridmim_components.config_flag(@amp, 'amp')",
-            "amp_kwargs": "$hybridmim_components.mixed_precision.amp_kwargs(@amp_dtype)",
+            "amp": "$hybridmim_components.workflow.config_flag(@amp, 'amp')",
+            "amp_kwargs": "$hybridmim_components.workflow.amp_kwargs(@amp_dtype)",
         },
         # full checkpoint (network, optimiser, scheduler, trainer state, best validation) for `resume`; it
         # references the trainer, so it is attached in `initialize` rather than listed in train#handlers
@@ -546,10 +544,10 @@ def train_config(backbone: str, task: str) -> dict:
             "final_filename": "checkpoint_final.pt",
         },
         "checkpoint_loader": {
-            "_target_": f"{CHECKPOINTS}.ResumeFromLatestCheckpoint",
+            "_target_": f"{WORKFLOW}.ResumeFromLatestCheckpoint",
             "ckpt_dir": "@ckpt_dir",
             "load_dict": dict(FULL_CHECKPOINT),
-            "enabled": "$hybridmim_components.config_flag(@resume, 'resume')",
+            "enabled": "$hybridmim_components.workflow.config_flag(@resume, 'resume')",
             "map_location": "@device",
         },
     }
@@ -557,7 +555,7 @@ def train_config(backbone: str, task: str) -> dict:
         "preprocessing": {"_target_": "Compose", "transforms": "%train#deterministic_transforms"},
         "dataset": {
             "_target_": "CacheDataset",
-            "data": "$hybridmim_components.data.load_datalist(@dataset_dir, @data_list_file_path, 'validation', "
+            "data": "$hybridmim_components.workflow.load_datalist(@dataset_dir, @data_list_file_path, 'validation', "
             "required_keys=('image', 'label'))",
             "transform": "@validate#preprocessing",
             "cache_rate": "@cache_rate",
@@ -590,30 +588,30 @@ def train_config(backbone: str, task: str) -> dict:
             "key_val_metric": "@validate#key_metric",
             "additional_metrics": "@validate#additional_metrics",
             "val_handlers": "@validate#handlers",
-            "amp": "$hybridmim_components.config_flag(@amp, 'amp')",
-            "amp_kwargs": "$hybridmim_components.mixed_precision.amp_kwargs(@amp_dtype)",
+            "amp": "$hybridmim_components.workflow.config_flag(@amp, 'amp')",
+            "amp_kwargs": "$hybridmim_components.workflow.amp_kwargs(@amp_dtype)",
         },
     }
     # best val_mean_dice so far and the best-model saver's record, kept in the full checkpoint so that a resumed
     # run replaces models/model.pt only with a better model
     cfg["train"]["best_validation"] = {
-        "_target_": f"{CHECKPOINTS}.BestMetricState",
+        "_target_": f"{WORKFLOW}.BestMetricState",
         "evaluator": "@validate#evaluator",
         "savers": [f"@validate#handlers#{i}" for i, h in enumerate(cfg["validate"]["handlers"])
                    if h["_target_"] == SAVER],
     }
     # the AMP loss scale (trainer.scaler, created by trainer.run() when amp is on), kept in the full checkpoint so
     # that a resumed run does not calibrate it again
-    cfg["train"]["grad_scaler"] = {"_target_": f"{CHECKPOINTS}.GradScalerState", "trainer": "@train#trainer"}
+    cfg["train"]["grad_scaler"] = {"_target_": f"{WORKFLOW}.GradScalerState", "trainer": "@train#trainer"}
     cfg["train"]["random_states"] = dict(RANDOM_STATES)
     # skips the optimizer step of a NaN/inf loss, logs it, stops after max_nonfinite_steps in a row (attached in
     # `initialize`: it references the trainer's optimizer)
-    cfg["train"]["nonfinite_guard"] = {"_target_": "hybridmim_components.nonfinite.NonFiniteLossGuard",
+    cfg["train"]["nonfinite_guard"] = {"_target_": "hybridmim_components.workflow.NonFiniteLossGuard",
                                        "max_nonfinite_steps": "@max_nonfinite_steps"}
     cfg["initialize"] = [
         # seeded first: the network is built (lazily) by the first entry that references it
         "$monai.utils.set_determinism(seed=@seed)",
-        f"$hybridmim_components.finetune_workflow.check_roi_size(@roi_size, {b['roi_multiple']})",
+        f"$hybridmim_components.workflow.check_roi_size(@roi_size, {b['roi_multiple']})",
         *_data_check_initialize(task),
         # backbone weights of the pretraining bundle (encoder and decoder; only the last layer starts from scratch);
         # the loader logs its report and stops on weights that do not fit
@@ -631,8 +629,7 @@ def _data_check_initialize(task: str) -> list[str]:
     """`initialize` entries that read every datalist file before any is cached (label values: the task's classes)."""
     labels = [0, 1, 2, 4] if task == "brats" else list(range(len(TASKS[task]["classes"])))
     return [
-        "$import hybridmim_components.input_checks",
-        "$hybridmim_components.input_checks.check_datalist(@dataset_dir, @data_list_file_path, "
+        "$hybridmim_components.workflow.check_datalist(@dataset_dir, @data_list_file_path, "
         f"('training', 'validation'), image_channels=@network_def#in_channels, label_values={labels}, "
         "required_keys=('image', 'label'), label_fraction=@label_fraction, enabled=@check_data)",
     ]
@@ -640,7 +637,7 @@ def _data_check_initialize(task: str) -> list[str]:
 
 def evaluate_config(backbone: str, task: str) -> dict:
     t = TASKS[task]
-    hd = {"_target_": "hybridmim_components.finetune_workflow.HausdorffDistance95", "percentile": 95.0}
+    hd = {"_target_": "hybridmim_components.workflow.HausdorffDistance95", "percentile": 95.0}
     additional = {
         "val_mean_hd95": {
             **hd,
@@ -688,12 +685,12 @@ def multi_gpu_config(backbone: str, task: str) -> dict:
         "network": dict(DDP_NETWORK),
         # each process caches only its share of the lists (not every volume on every rank): training shards of
         # equal length (seeded shuffle), validation split as a DistributedSampler without shuffle would split it
-        "train#dataset#data": "$hybridmim_components.data.partition_for_rank(hybridmim_components.data.load_datalist("
+        "train#dataset#data": "$hybridmim_components.workflow.partition_for_rank(hybridmim_components.workflow.load_datalist("
         "@dataset_dir, @data_list_file_path, 'training', label_fraction=@label_fraction, "
         "required_keys=('image', 'label')), shuffle=True, seed=" + str(SEED) + ", even_divisible=True, "
         "what='training list')",
         **{f"train#handlers#{i}#_disabled_": "$dist.get_rank() > 0" for i in rank0_train},
-        "validate#dataset#data": "$hybridmim_components.data.partition_for_rank(hybridmim_components.data."
+        "validate#dataset#data": "$hybridmim_components.workflow.partition_for_rank(hybridmim_components.workflow."
         "load_datalist(@dataset_dir, @data_list_file_path, 'validation', required_keys=('image', 'label')), "
         "what='validation list')",
         "validate#evaluator#val_handlers": "$None if dist.get_rank() > 0 else @validate#handlers",
@@ -703,7 +700,7 @@ def multi_gpu_config(backbone: str, task: str) -> dict:
             "$torch.cuda.set_device(@device) if torch.cuda.is_available() else None",
             # seeded before the network is built; a different random stream per rank (crops, augmentations)
             f"$monai.utils.set_determinism(seed={RANK_SEED})",
-            f"$hybridmim_components.finetune_workflow.check_roi_size(@roi_size, {BACKBONES[backbone]['roi_multiple']})",
+            f"$hybridmim_components.workflow.check_roi_size(@roi_size, {BACKBONES[backbone]['roi_multiple']})",
             *_data_check_initialize(task),
             "$hybridmim_components.load_pretrained_weights(@network_def, @pretrained_path)",
             ATTACH_RANDOM_STATES,
@@ -720,8 +717,7 @@ def inference_config(backbone: str, task: str) -> dict:
     t, b = TASKS[task], BACKBONES[backbone]
     cfg: dict = {
         "imports": ["$import os", "$import torch", "$import hybridmim_components",
-                    "$import hybridmim_components.data", "$import hybridmim_components.finetune_workflow",
-                    "$import hybridmim_components.mixed_precision"],
+                    "$import hybridmim_components.workflow"],
         **location_keys(t["dataset_dir"]),
         "amp": True,
         "amp_dtype": "float16",
@@ -736,7 +732,7 @@ def inference_config(backbone: str, task: str) -> dict:
              "nearest_interp": False, "to_tensor": True}]
     if t["sigmoid"]:
         post += [{"_target_": "AsDiscreted", "keys": "pred", "threshold": 0.5},
-                 {"_target_": "hybridmim_components.finetune_workflow.BratsClassesToLabelMapd", "keys": "pred"}]
+                 {"_target_": "hybridmim_components.workflow.BratsClassesToLabelMapd", "keys": "pred"}]
     else:
         post.append({"_target_": "AsDiscreted", "keys": "pred", "argmax": True})
     post.append(_label_map_saver("pred"))
@@ -744,7 +740,7 @@ def inference_config(backbone: str, task: str) -> dict:
         {
             "network_def": _network_def(backbone, task, inference=True),
             "network": "$@network_def.to(@device)",
-            "datalist": "$hybridmim_components.data.load_datalist(@dataset_dir, @data_list_file_path, 'testing')",
+            "datalist": "$hybridmim_components.workflow.load_datalist(@dataset_dir, @data_list_file_path, 'testing')",
             "preprocessing": {
                 "_target_": "Compose",
                 "transforms": _deterministic_transforms(task, with_label=False),
@@ -764,8 +760,8 @@ def inference_config(backbone: str, task: str) -> dict:
                 "inferer": "@inferer",
                 "postprocessing": "@postprocessing",
                 "val_handlers": "@handlers",
-                "amp": "$hybridmim_components.config_flag(@amp, 'amp')",
-                "amp_kwargs": "$hybridmim_components.mixed_precision.amp_kwargs(@amp_dtype)",
+                "amp": "$hybridmim_components.workflow.config_flag(@amp, 'amp')",
+                "amp_kwargs": "$hybridmim_components.workflow.amp_kwargs(@amp_dtype)",
             },
             "checkpointloader": {
                 "_target_": "CheckpointLoader",

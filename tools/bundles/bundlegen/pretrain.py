@@ -15,18 +15,12 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
-from tools.bundles.bundlegen.common import (ADAMW, ATTACH_RANDOM_STATES, DDP_DEVICE, DDP_FINALIZE, DDP_NETWORK,
+from tools.bundles.bundlegen.common import (WORKFLOW, ADAMW, ATTACH_RANDOM_STATES, DDP_DEVICE, DDP_FINALIZE, DDP_NETWORK,
                                             RANDOM_STATES, RESUME_GUARANTEE, SAVER, location_keys, metadata_header)
 from tools.bundles.bundlegen.figures import performance_section
 
-MIM = "hybridmim_components.pretrain_workflow"  # PrepareMIMBatch, loss_terms_transform
-METRICS = "hybridmim_components.pretext_metrics"
-BASELINES = "hybridmim_components.pretext_baselines"
-PREVIEWS = "hybridmim_components.previews"
-SEEDING = "hybridmim_components.seeding"
-CHECKPOINTS = "hybridmim_components.checkpoints"
 # one progress bar (with the loss) for both bundle families, listed in train#handlers
-PROGRESS_BAR = {"_target_": "hybridmim_components.progress.TrainProgressBar"}
+PROGRESS_BAR = {"_target_": "hybridmim_components.workflow.TrainProgressBar"}
 # under torchrun every rank draws its own crops and masks: seed + global rank (RANK, set by torchrun)
 RANK_SEED = "@seed + int(os.environ.get('RANK', '0'))"
 # volumes cached in memory per process: 200 x ~35-70 MB per CT (measured, see the README's Memory section) <= 14 GB
@@ -112,11 +106,8 @@ def _head(spec: Spec) -> dict:
             "$import os",
             "$import torch",
             "$import hybridmim_components",
-            "$import hybridmim_components.mixed_precision",
-            f"$import {MIM} as mim",
-            f"$import {METRICS}",
-            f"$import {CHECKPOINTS}",
-            "$from hybridmim_components.data import load_datalist",
+            "$import hybridmim_components.workflow",
+            "$from hybridmim_components.workflow import load_datalist",
         ],
         **location_keys(spec.dataset_dir),
         "seed": 0,
@@ -175,7 +166,7 @@ CENTER_CROP = {"_target_": "CenterSpatialCropd", "keys": "image", "roi_size": "@
 
 
 def _train_config(spec: Spec) -> dict:
-    loss_terms = "$mim.loss_terms_transform(@loss, @optimizer)"
+    loss_terms = "$hybridmim_components.workflow.loss_terms_transform(@loss, @optimizer)"
     full_ckpt = {
         "network": "@network_def",
         "optimizer": "@optimizer",
@@ -225,7 +216,7 @@ def _train_config(spec: Spec) -> dict:
             "warmup_steps": "@warmup_steps",
             "t_total": "$@steps_per_epoch * @train#trainer#max_epochs",
         },
-        "prepare_batch": {"_target_": f"{MIM}.PrepareMIMBatch"},
+        "prepare_batch": {"_target_": f"{WORKFLOW}.PrepareMIMBatch"},
         "train": {
             "deterministic_transforms": _deterministic_transforms(spec),
             "random_transforms": [
@@ -285,8 +276,8 @@ def _train_config(spec: Spec) -> dict:
                 "inferer": "@train#inferer",
                 "prepare_batch": "@prepare_batch",
                 "train_handlers": "@train#handlers",
-                "amp": "$hybridmim_components.config_flag(@amp, 'amp') and torch.cuda.is_available()",
-                "amp_kwargs": "$hybridmim_components.mixed_precision.amp_kwargs(@amp_dtype)",
+                "amp": "$hybridmim_components.workflow.config_flag(@amp, 'amp') and torch.cuda.is_available()",
+                "amp_kwargs": "$hybridmim_components.workflow.amp_kwargs(@amp_dtype)",
                 "decollate": False,
             },
             # full training checkpoints (for resume); they reference the trainer, so they are attached in
@@ -304,25 +295,25 @@ def _train_config(spec: Spec) -> dict:
             # best val_recon_mse so far and the best-model savers' records, kept in the full checkpoint so that a
             # resumed run does not overwrite models/model.pt with a worse model
             "best_validation": {
-                "_target_": f"{CHECKPOINTS}.BestMetricState",
+                "_target_": f"{WORKFLOW}.BestMetricState",
                 "evaluator": "@validate#evaluator",
                 "savers": best_savers,
             },
             # the AMP loss scale (trainer.scaler, created by trainer.run() when amp is on), kept in the full
             # checkpoint so that a resumed run does not calibrate it again
-            "grad_scaler": {"_target_": f"{CHECKPOINTS}.GradScalerState", "trainer": "@train#trainer"},
+            "grad_scaler": {"_target_": f"{WORKFLOW}.GradScalerState", "trainer": "@train#trainer"},
             "random_states": dict(RANDOM_STATES),
             "checkpoint_loader": {
-                "_target_": f"{CHECKPOINTS}.ResumeFromLatestCheckpoint",
+                "_target_": f"{WORKFLOW}.ResumeFromLatestCheckpoint",
                 "ckpt_dir": "@ckpt_dir",
                 "load_dict": full_ckpt,
-                "enabled": "$hybridmim_components.config_flag(@resume, 'resume')",
+                "enabled": "$hybridmim_components.workflow.config_flag(@resume, 'resume')",
                 "map_location": "@device",
             },
             # skips the optimizer step of a NaN/inf loss, logs it, stops after max_nonfinite_steps in a row;
             # references the trainer's optimizer, so it is attached in `initialize`
             "nonfinite_guard": {
-                "_target_": "hybridmim_components.nonfinite.NonFiniteLossGuard",
+                "_target_": "hybridmim_components.workflow.NonFiniteLossGuard",
                 "max_nonfinite_steps": "@max_nonfinite_steps",
             },
         },
@@ -351,15 +342,15 @@ def _train_config(spec: Spec) -> dict:
             },
             "inferer": {"_target_": "SimpleInferer"},
             "key_metric": {
-                "val_recon_mse": {"_target_": f"{METRICS}.MaskedReconstructionMSE", "device": "@device"},
+                "val_recon_mse": {"_target_": f"{WORKFLOW}.MaskedReconstructionMSE", "device": "@device"},
             },
             "additional_metrics": {
-                "val_number_acc": {"_target_": f"{METRICS}.NumberAccuracy", "device": "@device"},
-                "val_location_acc": {"_target_": f"{METRICS}.LocationAccuracy", "device": "@device"},
+                "val_number_acc": {"_target_": f"{WORKFLOW}.NumberAccuracy", "device": "@device"},
+                "val_location_acc": {"_target_": f"{WORKFLOW}.LocationAccuracy", "device": "@device"},
                 # what a predictor ignoring the image scores on the same crops and masks
-                "val_recon_mse_baseline": {"_target_": f"{BASELINES}.MaskedReconstructionBaseline", "device": "@device"},
-                "val_number_acc_baseline": {"_target_": f"{BASELINES}.NumberAccuracyBaseline", "device": "@device"},
-                "val_location_acc_baseline": {"_target_": f"{BASELINES}.LocationAccuracyBaseline", "device": "@device"},
+                "val_recon_mse_baseline": {"_target_": f"{WORKFLOW}.MaskedReconstructionBaseline", "device": "@device"},
+                "val_number_acc_baseline": {"_target_": f"{WORKFLOW}.NumberAccuracyBaseline", "device": "@device"},
+                "val_location_acc_baseline": {"_target_": f"{WORKFLOW}.LocationAccuracyBaseline", "device": "@device"},
             },
             "handlers": val_handlers,
             "evaluator": {
@@ -371,10 +362,10 @@ def _train_config(spec: Spec) -> dict:
                 "prepare_batch": "@prepare_batch",
                 "key_val_metric": "@validate#key_metric",
                 "additional_metrics": "@validate#additional_metrics",
-                "metric_cmp_fn": f"${METRICS}.lower_is_better",
+                "metric_cmp_fn": f"${WORKFLOW}.lower_is_better",
                 "val_handlers": "@validate#handlers",
-                "amp": "$hybridmim_components.config_flag(@amp, 'amp') and torch.cuda.is_available()",
-                "amp_kwargs": "$hybridmim_components.mixed_precision.amp_kwargs(@amp_dtype)",
+                "amp": "$hybridmim_components.workflow.config_flag(@amp, 'amp') and torch.cuda.is_available()",
+                "amp_kwargs": "$hybridmim_components.workflow.amp_kwargs(@amp_dtype)",
                 "decollate": False,
             },
         },
@@ -385,11 +376,11 @@ def _train_config(spec: Spec) -> dict:
 
 def _validation_handlers() -> list:
     return [
-        {"_target_": f"{SEEDING}.ReseedHandler", "seed": "@seed", "transform": "@validate#preprocessing",
+        {"_target_": f"{WORKFLOW}.ReseedHandler", "seed": "@seed", "transform": "@validate#preprocessing",
          "generator": "@validate#generator"},
         {"_target_": "StatsHandler", "iteration_log": False},
         {"_target_": "TensorBoardStatsHandler", "log_dir": "@output_dir", "iteration_log": False},
-        {"_target_": f"{PREVIEWS}.MIMPreviewHandler", "log_dir": "@output_dir"},
+        {"_target_": f"{WORKFLOW}.MIMPreviewHandler", "log_dir": "@output_dir"},
         {"_target_": SAVER, "save_dir": "@ckpt_dir",
          "save_dict": {"model": "$@network_def.backbone"}, "save_key_metric": True,
          "key_metric_filename": "model.pt", "key_metric_negative_sign": True},
@@ -409,10 +400,9 @@ def _train_initialize(seed: str = "@seed", saver_condition: str = "") -> list:
         f"$monai.utils.set_determinism(seed={seed})",
         # crop, sub-volume, patch and region sizes, then every datalist file, are checked before any data is cached
         "$@network_def.check_crop(@roi_size, @patch_size)",
-        "$import hybridmim_components.input_checks",
-        "$hybridmim_components.input_checks.check_datalist(@dataset_dir, @data_list_file_path, "
+        "$hybridmim_components.workflow.check_datalist(@dataset_dir, @data_list_file_path, "
         "('training', 'validation'), image_channels=@in_channels, enabled=@check_data)",
-        "$hybridmim_components.input_checks.check_contrastive_batch(@loss#contrastive_weight, @batch_size, "
+        "$hybridmim_components.workflow.check_contrastive_batch(@loss#contrastive_weight, @batch_size, "
         "@samples_per_volume)",
         ATTACH_RANDOM_STATES,
         saver,
@@ -426,16 +416,16 @@ def _multi_gpu_config(train: dict) -> dict:
     rank0_train = [i for i, h in enumerate(train["train"]["handlers"])
                    if h["_target_"] in ("StatsHandler", "TensorBoardStatsHandler", PROGRESS_BAR["_target_"])]
     rank0_val = [i for i, h in enumerate(train["validate"]["handlers"])
-                 if h["_target_"] in ("StatsHandler", "TensorBoardStatsHandler", f"{PREVIEWS}.MIMPreviewHandler",
+                 if h["_target_"] in ("StatsHandler", "TensorBoardStatsHandler", f"{WORKFLOW}.MIMPreviewHandler",
                                       SAVER)]
     config = {
         "device": DDP_DEVICE,
         "network": dict(DDP_NETWORK),
         # each process caches only its share of the lists (not every volume on every rank): training shards of
         # equal length (seeded shuffle), validation split as a DistributedSampler without shuffle would split it
-        "train#dataset#data": "$hybridmim_components.data.partition_for_rank(load_datalist(@dataset_dir, "
+        "train#dataset#data": "$hybridmim_components.workflow.partition_for_rank(load_datalist(@dataset_dir, "
         "@data_list_file_path, 'training'), shuffle=True, seed=@seed, even_divisible=True, what='training list')",
-        "validate#dataset#data": "$hybridmim_components.data.partition_for_rank(load_datalist(@dataset_dir, "
+        "validate#dataset#data": "$hybridmim_components.workflow.partition_for_rank(load_datalist(@dataset_dir, "
         "@data_list_file_path, 'validation'), what='validation list')",
     }
     for i in rank0_train:
@@ -458,7 +448,7 @@ def _evaluate_config() -> dict:
     """Layered on train.json: pretext metrics of the saved model on the validation list."""
     return {
         "validate#handlers": [
-            {"_target_": f"{SEEDING}.ReseedHandler", "seed": "@seed", "transform": "@validate#preprocessing",
+            {"_target_": f"{WORKFLOW}.ReseedHandler", "seed": "@seed", "transform": "@validate#preprocessing",
              "generator": "@validate#generator"},
             {"_target_": "StatsHandler", "iteration_log": False},
             {"_target_": "MetricsSaver", "save_dir": "@output_dir",
@@ -467,7 +457,7 @@ def _evaluate_config() -> dict:
         ],
         "initialize": [
             "$monai.utils.set_determinism(seed=@seed)",
-            f"${CHECKPOINTS}.load_pretrain_checkpoint(@network_def, @ckpt_dir + '/model.pt', "
+            f"${WORKFLOW}.load_pretrain_checkpoint(@network_def, @ckpt_dir + '/model.pt', "
             "@ckpt_dir + '/pretrain_network.pt', map_location=@device)",
         ],
         "run": ["$@validate#evaluator.run()"],
@@ -525,7 +515,7 @@ def _inference_config(spec: Spec, train: dict) -> dict:
             "num_workers": 2,
         },
         "inferer": {"_target_": "SimpleInferer"},
-        "prepare_batch": {"_target_": f"{MIM}.PrepareMIMBatch"},
+        "prepare_batch": {"_target_": f"{WORKFLOW}.PrepareMIMBatch"},
         # the network returns the region's reconstruction; the output saver also needs where the region sits
         "postprocessing": {
             "_target_": "Lambdad",
@@ -535,7 +525,7 @@ def _inference_config(spec: Spec, train: dict) -> dict:
         },
         "handlers": [
             {"_target_": "StatsHandler", "iteration_log": False},
-            {"_target_": f"{PREVIEWS}.SaveMIMOutputs", "output_dir": "@output_dir"},
+            {"_target_": f"{WORKFLOW}.SaveMIMOutputs", "output_dir": "@output_dir"},
         ],
         "evaluator": {
             "_target_": "SupervisedEvaluator",
