@@ -50,8 +50,8 @@ from tools.data.file_identity import content_hash  # noqa: E402
 
 SMALL_PRETRAIN, SMALL_FINETUNE = "hybridmim_unet_pretrain", "hybridmim_unet_msd_spleen"
 #: Settings of ``--small`` common to all experiments (each experiment adds its own; the command line wins).
-#: Crop of every ``--small`` run (the reports in docs/experiments were measured with it; the demo's own is smaller)
-SMALL_CROP = [64, 64, 32]
+#: Crop and crops per step of every ``--small`` run (the reports in docs/experiments were measured with them)
+SMALL_CROP, SMALL_CROPS = [64, 64, 32], 4
 SMALL_COMMON = {
     "device": "cpu",
     "features": [8, 8, 16, 32, 64, 8],
@@ -197,7 +197,7 @@ def pretrain_overrides(args: argparse.Namespace, run_dir: str, seed: int, extra:
              "ckpt_dir": os.path.join(run_dir, "models"), "output_dir": os.path.join(run_dir, "eval"), "seed": seed}
     if args.small:
         demo_args = argparse.Namespace(data_dir=args.pool_dir, features=args.features, seed=seed, device=args.device,
-                                       crop=SMALL_CROP,
+                                       crop=SMALL_CROP, crops=SMALL_CROPS,
                                        pretrain_steps=args.pretrain_steps, pretrain_lr=args.pretrain_lr,
                                        pretrain_validations=args.pretrain_validations, pretrain_override=[])
         out = demo.pretrain_overrides(demo_args, run_dir)
@@ -258,7 +258,7 @@ def finetune_overrides(args: argparse.Namespace, run_dir: str, pretrained: str |
             raise ExperimentError(f"--small runs the UNet CT bundles of tools/demo.py ({', '.join(tasks)}), "
                                   f"not --finetune_bundle {args.finetune_bundle}")
         demo_args = argparse.Namespace(data_dir=args.dataset_dir, features=args.features, device=args.device,
-                                       crop=SMALL_CROP,
+                                       crop=SMALL_CROP, crops=SMALL_CROPS,
                                        task=tasks[args.finetune_bundle], finetune_steps=epochs,
                                        finetune_lr=args.finetune_lr)
         out = demo.finetune_overrides(demo_args, run_dir, pretrained)
