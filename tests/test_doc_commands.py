@@ -23,8 +23,8 @@ import shlex
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import List, Sequence, Tuple
 
 import pytest
 

@@ -14,7 +14,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import warnings
 
 import pytest
 import torch

@@ -37,7 +37,7 @@ def _bundle_target(bundle: str, *keys: str):
     return locate(target)
 
 
-def _engine(epoch_length: int = 1) -> Engine:
+def _engine() -> Engine:
     return Engine(lambda engine, batch: None)
 
 

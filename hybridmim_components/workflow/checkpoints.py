@@ -17,7 +17,6 @@ from __future__ import annotations
 import glob
 import logging
 import os
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
