@@ -305,10 +305,10 @@ def _assert_same_tensors(a, b, where: str = "") -> None:
             _assert_same_tensors(x, y, f"{where}[{i}]")
 
 
-def _demo_ct_pool(tmp_path):
+def _demo_ct_pool(tmp_path, n_val: int = 1):
     from tools.data.make_demo_data import make_unlabeled_ct_pool
 
-    datalist = make_unlabeled_ct_pool(str(tmp_path / "pool"), n_train=2, n_val=1, n_test=1)
+    datalist = make_unlabeled_ct_pool(str(tmp_path / "pool"), n_train=2, n_val=n_val, n_test=1)
     return os.path.dirname(datalist), datalist
 
 
@@ -323,8 +323,8 @@ def _finetune_overrides(tmp_path, root: str) -> dict:
             "warmup_epochs": 1, "train#trainer#max_epochs": 5}
 
 
-def _pretrain_overrides(tmp_path, root: str) -> dict:
-    dataset_dir, datalist = _demo_ct_pool(tmp_path)
+def _pretrain_overrides(tmp_path, root: str, n_val: int = 1) -> dict:
+    dataset_dir, datalist = _demo_ct_pool(tmp_path, n_val)
     return {"bundle_root": root, "dataset_dir": dataset_dir, "data_list_file_path": datalist,
             "features": [4, 4, 8, 8, 16, 4], "roi_size": [64, 64, 64], "region_size": [32, 32, 32],
             "steps_per_epoch": 2, "warmup_steps": 2, "train#trainer#max_epochs": 5, "batch_size": 1,
@@ -393,3 +393,75 @@ def test_a_validation_before_any_training_step_is_never_the_best_model(family, t
     assert not glob.glob(os.path.join(root, "models", "model.pt")), "the untrained network was saved as model.pt"
     assert not glob.glob(os.path.join(root, "models", "pretrain_network.pt"))
     assert "before any training step" in text
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (read from /proc): torchrun starts its workers in sessions of their own."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_process_ddp_run_killed_after_a_checkpoint_resumes_exactly(tmp_path):
+    """torchrun, 2 gloo processes: every rank's random states are saved by rank 0 and each rank gets its own back."""
+    bundle = os.path.join(BUNDLES_DIR, "hybridmim_unet_pretrain")
+    # one validation volume per process
+    base = {**_pretrain_overrides(tmp_path, str(tmp_path), n_val=2), "train#trainer#max_epochs": 3}
+
+    def command(root: str, resume: bool) -> list[str]:
+        overrides = {**base, "bundle_root": root, "ckpt_dir": os.path.join(root, "models"),
+                     "output_dir": os.path.join(root, "eval"), "resume": resume}
+        args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
+                f"--master_port={_free_port()}", "-m", "monai.bundle", "run", "--config_file",
+                "['configs/train.json','configs/multi_gpu_train.json']"]
+        for key, value in overrides.items():
+            args += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
+        return args
+
+    def run(args, what):
+        proc = subprocess.run(args, cwd=bundle, env=_env(), capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, f"{what} failed (exit {proc.returncode}):\n{(proc.stdout + proc.stderr)[-6000:]}"
+        return proc.stdout + proc.stderr
+
+    whole, killed = str(tmp_path / "whole"), str(tmp_path / "killed")
+    run(command(whole, False), "uninterrupted 2-process run")
+    marker = os.path.join(killed, "models", "checkpoint_epoch=2.pt")
+    with open(tmp_path / "killed.log", "w") as log:
+        proc = subprocess.Popen(command(killed, False), cwd=bundle, env=_env(), stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 900
+        while not os.path.exists(marker) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        for pid in [*_descendants(proc.pid), proc.pid]:  # both ranks, then torchrun
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, (tmp_path / "killed.log").read_text()[-4000:]
+    text = run(command(killed, True), "resumed 2-process run")
+    assert text.count("restored the random states") == 2, text[-5000:]
+    a, b = _final(whole), _final(killed)
+    assert len(b["random_states"]["ranks"]) == 2
+    assert a["trainer"]["iteration"] == b["trainer"]["iteration"]
+    _assert_same_tensors(a["network"], b["network"], "weights")
