@@ -275,14 +275,37 @@ def _run(args: list[str], what: str) -> str:
     return out
 
 
-def _kill_after(args: list[str], marker: str, log_path: str) -> None:
-    """Start ``args``; SIGKILL it as soon as ``marker`` (a complete checkpoint file) exists."""
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (read from /proc): torchrun starts its workers in sessions of their own."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _kill_after(args: list[str], marker: str, log_path: str, cwd: str = REPO_ROOT) -> None:
+    """Start ``args``; SIGKILL it and every process below it as soon as ``marker`` (a complete checkpoint) exists."""
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(args, cwd=REPO_ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(args, cwd=cwd, env=_env(), stdout=log, stderr=subprocess.STDOUT)
         deadline = time.time() + 900
         while not os.path.exists(marker) and proc.poll() is None and time.time() < deadline:
             time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
+        for pid in [*_descendants(proc.pid), proc.pid]:  # torchrun's ranks first, then the command itself
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         proc.wait()
     with open(log_path) as f:
         text = f.read()
@@ -395,25 +418,6 @@ def test_a_validation_before_any_training_step_is_never_the_best_model(family, t
     assert "before any training step" in text
 
 
-def _descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (read from /proc): torchrun starts its workers in sessions of their own."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
 def _free_port() -> int:
     import socket
 
@@ -446,19 +450,8 @@ def test_two_process_ddp_run_killed_after_a_checkpoint_resumes_exactly(tmp_path)
 
     whole, killed = str(tmp_path / "whole"), str(tmp_path / "killed")
     run(command(whole, False), "uninterrupted 2-process run")
-    marker = os.path.join(killed, "models", "checkpoint_epoch=2.pt")
-    with open(tmp_path / "killed.log", "w") as log:
-        proc = subprocess.Popen(command(killed, False), cwd=bundle, env=_env(), stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.time() + 900
-        while not os.path.exists(marker) and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.02)
-        for pid in [*_descendants(proc.pid), proc.pid]:  # both ranks, then torchrun
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL, (tmp_path / "killed.log").read_text()[-4000:]
+    _kill_after(command(killed, False), os.path.join(killed, "models", "checkpoint_epoch=2.pt"),
+                str(tmp_path / "killed.log"), cwd=bundle)
     text = run(command(killed, True), "resumed 2-process run")
     assert text.count("restored the random states") == 2, text[-5000:]
     a, b = _final(whole), _final(killed)
