@@ -431,7 +431,7 @@ def test_bundles_share_one_skeleton():
     assert len({frozenset(v) for v in keys.values()}) == 1, keys
 
 
-# ------------------------------------------------------------------------------------- finetune_workflow components
+# ------------------------------------------------------------------------------------- workflow.finetune components
 def test_hausdorff_distance_95_is_in_millimetres():
     pytest.importorskip("scipy")
     from monai.data import MetaTensor

@@ -14,7 +14,7 @@ after hours of caching or at step 30,000 costs far more than one read of every f
   over all processes: a positive and no negatives give a loss of exactly 0).
 
 The crop settings of the pretraining bundles are checked by ``network_def.check_crop`` (networks.py) and those of the
-finetuning bundles by ``finetune_workflow.check_roi_size``; both also run in ``initialize`` before any data.
+finetuning bundles by ``workflow.finetune.check_roi_size``; both also run in ``initialize`` before any data.
 """
 from __future__ import annotations
 
