@@ -35,7 +35,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__fi
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
-from hybridmim_components.workflow.data import DEFAULT_PATH_KEYS, resolve_datalist_path  # noqa: E402
+from hybridmim_components.workflow.data import DEFAULT_PATH_KEYS, load_datalist, resolve_datalist_path  # noqa: E402
 from tools import demo  # noqa: E402
 from tools.bundles.bundle_runner import (  # noqa: E402
     BUNDLES,
@@ -184,8 +184,6 @@ def provenance(args: argparse.Namespace, synthetic: bool) -> str:
 
 def training_cases(args: argparse.Namespace, label_fraction: float) -> int:
     """How many training cases the finetune bundle keeps at ``label_fraction`` (the bundle's own selection code)."""
-    from hybridmim_components.workflow.data import load_datalist
-
     return len(load_datalist(args.dataset_dir, args.datalist, "training", label_fraction=label_fraction,
                              required_keys=("image", "label"), check_files=False))
 
@@ -333,17 +331,24 @@ def write_json_atomic(path: str, content) -> None:
 
 
 def _datalist_files(datalist: str, dataset_dir: str | None) -> list[str]:
-    """The image and label files every section of ``datalist`` names, resolved as the bundles do."""
+    """The image and label files every section of ``datalist`` names, resolved by the bundles' own ``load_datalist``.
+
+    A section that is not a non-empty list of valid entries is skipped: the bundle reports it when it runs.
+    """
     with open(datalist, encoding="utf-8") as f:
         content = json.load(f)
-    base = os.path.abspath(os.path.expanduser(dataset_dir)) if dataset_dir else os.path.dirname(datalist)
     files = []
-    for entries in (content.values() if isinstance(content, dict) else []):
-        for entry in (entries if isinstance(entries, list) else []):
+    for section, entries in (content.items() if isinstance(content, dict) else []):
+        if not (isinstance(entries, list) and entries):
+            continue
+        try:
+            items = load_datalist(dataset_dir, datalist, section, required_keys=(), check_files=False)
+        except ValueError:
+            continue
+        for item in items:
             for key in DEFAULT_PATH_KEYS:
-                value = entry.get(key) if isinstance(entry, dict) else None
-                for v in ([value] if isinstance(value, str) else value if isinstance(value, list) else []):
-                    files.append(os.path.normpath(os.path.join(base, os.path.expanduser(str(v)))))
+                value = item.get(key)
+                files += [value] if isinstance(value, str) else list(value or [])
     return files
 
 
