@@ -6,7 +6,7 @@ import datetime
 import torch
 import torch.distributed as dist
 
-__all__ = ["rank_and_world_size", "gather_with_grad", "shutdown_process_group"]
+__all__ = ["rank_and_world_size", "gather_with_grad", "max_over_ranks", "shutdown_process_group"]
 
 
 def rank_and_world_size() -> tuple[int, int]:
@@ -28,6 +28,13 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     from torch.distributed.nn.functional import all_gather
 
     return torch.cat(all_gather(x), dim=0)
+
+
+def max_over_ranks(x: torch.Tensor) -> torch.Tensor:
+    """``x`` reduced with MAX over all ranks (in place, one all-reduce); ``x`` itself without a process group."""
+    if rank_and_world_size()[1] > 1:
+        dist.all_reduce(x, op=dist.ReduceOp.MAX)
+    return x
 
 
 def shutdown_process_group(timeout_s: float = 600.0) -> None:

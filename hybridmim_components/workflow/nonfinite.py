@@ -14,10 +14,11 @@ from __future__ import annotations
 import logging
 
 import torch
-import torch.distributed as dist
 from ignite.engine import Engine, Events
 from monai.engines.utils import IterationEvents
 from monai.utils import CommonKeys as Keys
+
+from hybridmim_components.distributed import max_over_ranks
 
 __all__ = ["NonFiniteLossGuard", "NonFiniteLossError"]
 
@@ -69,7 +70,7 @@ class NonFiniteLossGuard:
         bad_loss = ~torch.isfinite(loss).all()
         bad_grads = ~torch.stack([torch.isfinite(p.grad).all() for p in params]).all() if params else torch.zeros_like(bad_loss)
         bad = torch.stack([bad_loss, bad_grads]).float()  # (2,): this rank's loss, gradients
-        flags = torch.cat([bad, _all_ranks_max(bad.clone())]).tolist()  # local loss, local grads, any rank
+        flags = torch.cat([bad, max_over_ranks(bad.clone())]).tolist()  # local loss, local grads, any rank
         if not (flags[2] or flags[3]):
             return
         if flags[0]:
@@ -106,9 +107,3 @@ class NonFiniteLossGuard:
                 "overflow (try --amp false). Raise max_nonfinite_steps (0: never stop) to keep going."
             )
 
-
-def _all_ranks_max(x: torch.Tensor) -> torch.Tensor:
-    """``x`` reduced with MAX over all ranks (in place); ``x`` itself without a process group."""
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(x, op=dist.ReduceOp.MAX)
-    return x

@@ -121,12 +121,12 @@ class RandomStates:
         engine.add_event_handler(Events.EPOCH_STARTED, self.restore)
 
     def _local(self) -> dict:
+        version, internal, gauss_next = random.getstate()
         return {
             "torch": torch.get_rng_state(),
             "cuda": list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else [],
             "numpy": _numpy_state(np.random.mtrand._rand),
-            "python": {"version": random.getstate()[0], "internal": torch.tensor(random.getstate()[1]),
-                       "gauss_next": random.getstate()[2]},
+            "python": {"version": version, "internal": torch.tensor(internal), "gauss_next": gauss_next},
             "transforms": [_numpy_state(g) for g in self.generators],
         }
 
