@@ -42,7 +42,13 @@ if __package__ in (None, ""):  # run as a file: make ``tools`` importable
 import numpy as np  # noqa: E402
 
 from tools import demo  # noqa: E402
-from tools.bundles.bundle_runner import device_overrides, read_scalars, validation_handler_index  # noqa: E402
+from tools.bundles.bundle_runner import (  # noqa: E402
+    StageFailed,
+    device_overrides,
+    find_output,
+    read_scalars,
+    validation_handler_index,
+)
 from tools.experiments import folds as folds_mod  # noqa: E402
 from tools.experiments import paired_stats, runner, tables  # noqa: E402
 from tools.data.fetch_demo_ct import DemoDataError  # noqa: E402
@@ -258,13 +264,14 @@ def run_finetune(args, runs: runner.Runs, run_id: str, fold: folds_mod.Fold, tas
 
 
 def prediction_path(folder: str, image: str) -> str:
-    """The inference bundle's prediction of ``image``: exactly ``<folder>/<image stem>_seg.nii.gz``."""
-    path = os.path.join(folder, f"{folds_mod._stem(image)}_seg.nii.gz")
-    if not os.path.isfile(path):
+    """The inference bundle's prediction of ``image``: exactly ``<image stem>_seg.nii.gz`` under ``folder``
+    (:func:`tools.bundles.bundle_runner.find_output`, never a prefix match)."""
+    try:
+        return find_output(folder, folds_mod._stem(image), "seg")
+    except StageFailed as err:
         there = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
-        raise runner.ExperimentError(f"the inference wrote no {path} for {image} "
-                                     f"(found: {', '.join(there) or 'nothing'})")
-    return path
+        raise runner.ExperimentError(f"the inference wrote no usable prediction for {image}: {err} "
+                                     f"(found: {', '.join(there) or 'nothing'})") from err
 
 
 def run_inference(args, runs: runner.Runs, run_id: str, fold: folds_mod.Fold, task: str, checkpoint: str) -> dict:
