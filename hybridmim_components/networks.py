@@ -182,8 +182,10 @@ class HybridMIMSwinUNETR(HybridMIMNet):
     """HybridMIM around MONAI's ``SwinUNETR`` (tokens of 2³ voxels; bottleneck at stride 32, ``16·feature_size``
     channels, i.e. one token per 32³ sub-volume).
 
-    ``backbone`` is ``SwinUNETR(in_channels, out_channels=in_channels, feature_size, drop_rate, use_checkpoint)``:
-    the finetune bundles build the same network with another ``out_channels``.
+    ``backbone`` is ``SwinUNETR(in_channels, out_channels=in_channels, feature_size, drop_rate, use_checkpoint,
+    downsample)``: the finetune bundles build the same network with another ``out_channels``. ``downsample``
+    ``"merging_legacy"`` is the patch-merging order of MONAI before 1.5 (:mod:`hybridmim_components.merging`), for
+    warm starts from weights trained with it.
     """
 
     bottleneck_stride = 32
@@ -199,14 +201,18 @@ class HybridMIMSwinUNETR(HybridMIMNet):
         projection_dim: int = 384,
         contrastive_views: str = "two_sided",
         use_checkpoint: bool = False,
+        downsample: str | type = "merging",
     ) -> None:
         super().__init__(16 * feature_size, sub_volume_size, region_size, projection_dim, contrastive_views)
+        from hybridmim_components.merging import resolve_downsample
+
         self.backbone = SwinUNETR(
             in_channels=in_channels,
             out_channels=in_channels,
             feature_size=feature_size,
             drop_rate=drop_rate,
             use_checkpoint=use_checkpoint,
+            downsample=resolve_downsample(downsample) if isinstance(downsample, str) else downsample,
         )
 
     def forward_encoder(self, x: torch.Tensor) -> list[torch.Tensor]:

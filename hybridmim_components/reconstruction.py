@@ -127,6 +127,7 @@ class RegionReconstructionSwinUNETR(SwinUNETR):
         feature_size: SwinUNETR width.
         drop_rate: SwinUNETR dropout (no parameters; inactive in eval mode).
         region_size: reconstructed region (voxels), multiples of 16 (cropped after ``decoder5``, stride 16).
+        downsample: patch-merging order (``"merging"``, ``"merging_legacy"``: MONAI's before 1.5, ``"mergingv2"``).
 
     ``forward(x)``: ``x`` ``B×C×D×H×W`` (sides multiples of 32) -> ``B×C×Rd×Rh×Rw``.
     """
@@ -137,9 +138,13 @@ class RegionReconstructionSwinUNETR(SwinUNETR):
         feature_size: int = 48,
         drop_rate: float = 0.1,
         region_size: int | Sequence[int] = (64, 64, 64),
+        downsample: str | type = "merging",
     ) -> None:
+        from hybridmim_components.merging import resolve_downsample
+
         super().__init__(in_channels=in_channels, out_channels=in_channels, feature_size=feature_size,
-                         drop_rate=drop_rate)
+                         drop_rate=drop_rate,
+                         downsample=resolve_downsample(downsample) if isinstance(downsample, str) else downsample)
         self.bottleneck_stride = 32  # patch embedding (2) and four patch mergings
         self.decoder_stride = 16  # cropped after decoder5
         self.region_size = _region_size(region_size, self.decoder_stride, type(self).__name__)

@@ -20,6 +20,9 @@ import torch
 from torch import nn
 
 __all__ = [
+    "SCOPES",
+    "adapt_input_channels",
+    "network_merging",
     "PretrainedWeightsError",
     "WeightsHashError",
     "load_pretrained_weights",
@@ -34,7 +37,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_WRAPPER_KEYS = ("model", "state_dict", "network", "backbone")
+_WRAPPER_KEYS = ("model", "state_dict", "network", "net", "backbone")
 _PREFIXES = ("module.", "backbone.")
 
 BUNDLE_WEIGHTS = "models/model.pt"  # the weights of a bundle, relative to its root (MONAI bundle convention)
@@ -202,13 +205,106 @@ def extract_state_dict(checkpoint: Mapping) -> dict[str, torch.Tensor]:
     return flat
 
 
+SCOPES = ("all", "encoder")
+
+#: Per backbone: the parameter prefixes of its encoder that must load under ``pretrained_scope "encoder"``, and the
+#: skip blocks loaded when the file has them (SwinUNETR's ``encoder1..4``/``encoder10`` sit between the Swin encoder
+#: and the decoder; Swin-only public files such as the Tang et al. encoder do not have them).
+ENCODER_PREFIXES = {
+    "SwinUNETR": (("swinViT.",), ("encoder1.", "encoder2.", "encoder3.", "encoder4.", "encoder10.")),
+    "BasicUNet": (("conv_0.", "down_1.", "down_2.", "down_3.", "down_4."), ()),
+}
+#: The weights that read the network input (their dimension 1 is the input channels), for ``adapt_in_channels``.
+INPUT_LAYERS = {
+    "SwinUNETR": ("swinViT.patch_embed.proj.weight", "encoder1.layer.conv1.conv.weight",
+                  "encoder1.layer.conv3.conv.weight"),
+    "BasicUNet": ("conv_0.conv_0.conv.weight",),
+}
+
+
+def _backbone_kind(network: nn.Module) -> str | None:
+    from monai.networks.nets import BasicUNet, SwinUNETR
+
+    if isinstance(network, SwinUNETR):
+        return "SwinUNETR"
+    if isinstance(network, BasicUNet):
+        return "BasicUNet"
+    return None
+
+
+def network_merging(network: nn.Module) -> str | None:
+    """The patch-merging order of a SwinUNETR (``"merging"``, ``"merging_legacy"``, ``"mergingv2"``), else ``None``."""
+    from monai.networks.nets.swin_unetr import PatchMergingV2
+
+    from hybridmim_components.merging import LegacyPatchMerging
+
+    if _backbone_kind(network) != "SwinUNETR":
+        return None
+    down = network.swinViT.layers1[0].downsample
+    if isinstance(down, LegacyPatchMerging):
+        return "merging_legacy"
+    if isinstance(down, PatchMergingV2) and type(down).__name__ == "PatchMergingV2":
+        return "mergingv2"
+    return "merging"
+
+
+def adapt_input_channels(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
+    """Fit a first-layer kernel ``O×C₀×k×k×k`` to ``in_channels`` = C input channels.
+
+    Rule: the kernel averaged over its C₀ input channels, repeated C times and scaled by C₀/C. On an input whose C
+    channels all equal ``x`` the layer then gives ``Σ_c w'_c x = C₀·mean(w)·x = Σ_c₀ w_c₀ x``: what the original
+    layer gives on C₀ channels equal to ``x`` (a 1-channel CT kernel gives the CT network's activations), so the
+    activations keep their scale whatever C is.
+    """
+    c0 = weight.shape[1]
+    mean = weight.mean(dim=1, keepdim=True)
+    return (mean.repeat(1, in_channels, *([1] * (weight.ndim - 2))) * (c0 / in_channels)).contiguous()
+
+
+def _convert(checkpoint: Mapping):
+    """``(layout, flat state dict, dropped names)`` of a raw checkpoint; files of no known layout are read as a plain
+    (possibly wrapped/prefixed) state dict, which the coverage check below then judges."""
+    try:  # TEMPORARY until public_weights lands
+        from hybridmim_components import public_weights
+    except ImportError:
+        return None, extract_state_dict(checkpoint), []
+    try:
+        converted = public_weights.convert_checkpoint(checkpoint)
+    except ValueError:
+        return None, extract_state_dict(checkpoint), []
+    return converted.layout, converted.state_dict, list(converted.dropped)
+
+
 def _format_report(report: dict, limit: int = 20) -> str:
-    lines = [f"pretrained weights {report['path']}:"]
-    for key in ("loaded", "missing", "unexpected", "mis_shaped", "left_to_train"):
-        names = report[key]
+    layout = report.get("layout")
+    lines = [f"pretrained weights {report['path']}" + (f" (layout: {layout})" if layout else "") + ":"]
+    for key in ("loaded", "missing", "unexpected", "mis_shaped", "left_to_train", "adapted"):
+        names = report.get(key, [])
+        if key == "adapted" and not names:
+            continue
         shown = ", ".join(names[:limit]) + (f", ... (+{len(names) - limit})" if len(names) > limit else "")
         lines.append(f"  {key}: {len(names)}" + (f" [{shown}]" if names and key != "loaded" else ""))
     return "\n".join(lines)
+
+
+def _check_merging(network: nn.Module, source_merging: str | None, what: str) -> None:
+    """Stop before a SwinUNETR computes other features than the weights were trained with (MONAI 1.5 changed the
+    order in which PatchMerging concatenates the 2×2×2 neighbours; files load without any error either way)."""
+    ours = network_merging(network)
+    if ours is None:
+        return
+    if source_merging is None:
+        logger.warning(f"{what}: the patch-merging order they were trained with is not recorded; assuming this "
+                       f"network's ({ours}). Weights trained before MONAI 1.5 need --downsample merging_legacy.")
+        return
+    if source_merging != ours:
+        raise PretrainedWeightsError(
+            f"{what} were trained with SwinUNETR patch merging {source_merging!r}, but this network uses {ours!r}: "
+            f"loaded as is they would compute other features without any error. Set the bundle key downsample to "
+            f"{source_merging!r} (--downsample {source_merging}).",
+            {"path": what, "downsample": ours, "weights_downsample": source_merging},
+        )
+    logger.info(f"{what}: patch merging {source_merging!r} matches this network.")
 
 
 def load_pretrained_weights(
@@ -216,68 +312,146 @@ def load_pretrained_weights(
     path: str | os.PathLike | None,
     map_location: str | torch.device = "cpu",
     allowed_new_prefixes: Sequence[str] | None = None,
+    scope: str = "all",
+    adapt_in_channels: bool = False,
+    expected_preprocessing: Mapping | None = None,
+    strict_preprocessing: bool = False,
 ) -> dict | None:
-    """Load backbone weights from ``path`` into ``network``; everything but the last layer must load.
+    """Load pretrained weights from ``path`` into ``network``, reporting exactly what loaded; never silently partial.
 
     Args:
-        network: the finetuning network (e.g. ``SwinUNETR``/``BasicUNet`` with ``out_channels`` = classes).
-        path: a checkpoint file (flat state dict, ``{"model": ...}``, ``{"state_dict": ...}``; ``module.``/
-            ``backbone.`` prefixes are stripped), or a bundle folder (``configs/metadata.json`` and
-            ``models/model.pt``, e.g. a downloaded pretraining bundle): its ``models/model.pt``. When that file sits
-            in a bundle with a ``large_files.yml``/``.yaml``/``.json`` listing a hash for ``models/model.pt``, the
-            file is verified first. ``None``, ``""`` or the strings ``"null"``/``"none"`` (what a command-line
-            override delivers): train from scratch (logged, returns ``None``).
+        network: the network to start (a finetuning ``SwinUNETR``/``BasicUNet``, or a pretraining network's
+            ``backbone``).
+        path: a checkpoint file or a bundle folder (``configs/metadata.json`` and ``models/model.pt``, e.g. a
+            downloaded pretraining bundle): its ``models/model.pt``, verified first against the hash its
+            ``large_files.yml``/``.yaml``/``.json`` lists. Public layouts (Tang et al.'s Swin encoder, the model zoo's
+            SwinUNETR, VoCo, SuPreM, DAE, the HybridMIM authors' files; see :mod:`hybridmim_components.public_weights`)
+            are recognised from their keys and renamed; anything else is read as a plain state dict (``model``/
+            ``state_dict`` wrappers, ``module.``/``backbone.`` prefixes stripped). ``None``, ``""`` or
+            ``"null"``/``"none"`` (what a command-line override delivers): train from scratch (logged, returns ``None``).
         map_location: passed to ``torch.load`` (always ``weights_only=True``).
-        allowed_new_prefixes: parameter prefixes allowed to stay untrained; default: the network's last layer.
+        allowed_new_prefixes: with ``scope="all"``, parameter prefixes allowed to stay untrained; default: the
+            network's last layer.
+        scope: ``"all"``: every parameter but the last layer must load (a HybridMIM pretraining covers encoder and
+            decoder). ``"encoder"``: the encoder must load (SwinUNETR: ``swinViT``, plus the skip blocks
+            ``encoder1..4``/``encoder10`` where the file has them; BasicUNet: ``conv_0``, ``down_1..4``); the
+            decoder starts fresh even when the file has one.
+        adapt_in_channels: fit the input layers of a file with C₀ input channels to this network's C by
+            :func:`adapt_input_channels`; off, a channel difference stops naming this option.
+        expected_preprocessing: this bundle's preprocessing (the ``preprocessing`` fields of a provenance record):
+            compared with the record beside the weights, or the published one of a public layout.
+        strict_preprocessing: stop (:class:`~hybridmim_components.provenance.PreprocessingMismatchError`) instead of
+            warning when the preprocessing differs.
 
     Returns:
-        The report: ``path`` (the weights file), ``sha256`` (its verified digest, ``None`` when nothing listed a
-        sha256 for it) and name lists ``loaded``, ``missing``, ``unexpected``, ``mis_shaped`` and
-        ``left_to_train`` (the allowed missing/mis-shaped ones).
+        The report: ``path``, ``layout``, ``scope``, ``sha256`` (the verified digest or ``None``), ``provenance`` (the
+        record compared, or ``None``), ``preprocessing_mismatches`` and name lists ``loaded``, ``missing``,
+        ``unexpected`` (incl. heads a public layout drops), ``mis_shaped``, ``left_to_train`` (allowed missing/
+        mis-shaped ones) and ``adapted`` (input layers fitted to the channel count).
 
     Raises:
         FileNotFoundError: ``path`` does not exist; a folder that is not a bundle or has no ``models/model.pt``.
         WeightsHashError: the weights differ from the hash their bundle's ``large_files`` manifest lists.
-        PretrainedWeightsError: a parameter outside ``allowed_new_prefixes`` is missing or mis-shaped.
+        PretrainedWeightsError: a parameter the scope requires is missing or mis-shaped, the input channels differ
+            without ``adapt_in_channels``, or the SwinUNETR patch-merging order differs from the weights'.
     """
+    from hybridmim_components.provenance import compare_preprocessing, read_provenance, record_from_layout
+
     if path is None or str(path).strip().lower() in ("", "null", "none"):
         logger.info("pretrained_path is empty: training from scratch (random initialisation).")
         return None
+    if scope not in SCOPES:
+        raise ValueError(f"pretrained_scope must be one of {SCOPES}, got {scope!r}.")
     path = resolve_weights_file(path)
     bundle = _bundle_of(path)
     # verify before torch.load: a corrupted or swapped file must not get as far as the network
     verified = verify_weights_hash(bundle) if bundle else None
-    source = extract_state_dict(torch.load(path, map_location=map_location, weights_only=True))
-    allowed = tuple(last_layer_prefixes(network) if allowed_new_prefixes is None else allowed_new_prefixes)
+    layout, source, dropped = _convert(torch.load(path, map_location=map_location, weights_only=True))
+    record = read_provenance(path)
+    if record is None and layout is not None:
+        record = record_from_layout(layout)  # the preprocessing its publishers state
+    layout_name = getattr(layout, "title", None) or ("plain state dict" if layout is None else str(layout))
+    kind = _backbone_kind(network)
+
     target = network.state_dict()
-    loadable, mis_shaped = {}, []
+    if scope == "all":
+        allowed = tuple(last_layer_prefixes(network) if allowed_new_prefixes is None else allowed_new_prefixes)
+        required = lambda name: not name.startswith(allowed)  # noqa: E731
+        in_scope = lambda name: True  # noqa: E731
+    else:
+        if kind is None:
+            raise ValueError(f"pretrained_scope 'encoder' needs a SwinUNETR or BasicUNet, got {type(network).__name__}.")
+        must, optional = ENCODER_PREFIXES[kind]
+        required = lambda name: name.startswith(must)  # noqa: E731
+        in_scope = lambda name: name.startswith(must + optional)  # noqa: E731
+
+    # input channels: the only mismatch with a documented fix
+    adapted = []
+    for name in INPUT_LAYERS.get(kind, ()):
+        s, t = source.get(name), target.get(name)
+        if s is None or t is None or s.shape == t.shape or s.shape[:1] + s.shape[2:] != t.shape[:1] + t.shape[2:]:
+            continue
+        if not adapt_in_channels:
+            raise PretrainedWeightsError(
+                f"pretrained weights {path} ({layout_name}) take {s.shape[1]} input channels, this network "
+                f"{t.shape[1]} ({name} {tuple(s.shape)} vs {tuple(t.shape)}). Set adapt_in_channels true "
+                f"(--adapt_in_channels true) to fit the input layers (mean kernel repeated and scaled), or use "
+                f"weights pretrained on {t.shape[1]}-channel input.",
+                {"path": path, "layout": layout_name, "mis_shaped": [name]},
+            )
+        source = dict(source, **{name: adapt_input_channels(s, t.shape[1])})
+        adapted.append(f"{name} {tuple(s.shape)}->{tuple(t.shape)}")
+
+    loadable, mis_shaped, out_of_scope = {}, [], []
     for name, value in source.items():
-        if name in target:
-            if target[name].shape == value.shape:
-                loadable[name] = value
-            else:
-                mis_shaped.append(f"{name} {tuple(value.shape)}->{tuple(target[name].shape)}")
-    missing = [name for name in target if name not in source]
-    unexpected = [name for name in source if name not in target]
-    is_allowed = lambda entry: entry.startswith(allowed)  # noqa: E731
+        if name not in target:
+            continue
+        if not in_scope(name):
+            out_of_scope.append(name)
+        elif target[name].shape == value.shape:
+            loadable[name] = value
+        else:
+            mis_shaped.append(f"{name} {tuple(value.shape)}->{tuple(target[name].shape)}")
+    missing = [name for name in target if name not in loadable and not any(m.startswith(name + " ") for m in mis_shaped)]
+    unexpected = [name for name in source if name not in target] + list(dropped)
     report = {
         "path": path,
+        "layout": layout_name,
+        "scope": scope,
         "sha256": verified.split()[1] if verified and verified.startswith("sha256 ") else None,
         "loaded": sorted(loadable),
         "missing": missing,
         "unexpected": unexpected,
         "mis_shaped": mis_shaped,
-        "left_to_train": [n for n in missing if is_allowed(n)] + [m for m in mis_shaped if is_allowed(m)],
+        "left_to_train": [n for n in missing if not required(n)] + [m for m in mis_shaped if not required(m.split()[0])],
+        "adapted": adapted,
+        "provenance": record,
     }
     text = _format_report(report)
-    failing = [n for n in missing if not is_allowed(n)] + [m for m in mis_shaped if not is_allowed(m)]
+    failing = [n for n in missing if required(n)] + [m for m in mis_shaped if required(m.split()[0])]
     if failing:
+        hint = ""
+        if scope == "all" and kind is not None:
+            must, _ = ENCODER_PREFIXES[kind]
+            if not any(f.startswith(must) for f in failing):
+                hint = (" The file covers the encoder only: set pretrained_scope \"encoder\" (--pretrained_scope "
+                        "encoder) to load it and train the decoder from scratch.")
         raise PretrainedWeightsError(
-            f"{text}\n{len(failing)} parameters outside the last layer {allowed} did not load: these weights do not "
-            f"fit this network (wrong backbone, feature size or input channels?). Refusing to train from partially "
-            f"random weights.",
+            f"{text}\n{len(failing)} parameters that pretrained_scope {scope!r} requires did not load: these weights "
+            f"do not fit this network (wrong backbone, feature size or input channels?).{hint} Refusing to train "
+            "from partially random weights.",
             report,
         )
+    if kind == "SwinUNETR" and any(n.startswith("swinViT.layers") and ".downsample." in n for n in loadable):
+        _check_merging(network, (record or {}).get("downsample"), f"pretrained weights {path} ({layout_name})")
+    report["preprocessing_mismatches"] = compare_preprocessing(
+        record, expected_preprocessing, strict=bool(strict_preprocessing), what=f"pretrained weights {path}"
+    )
     network.load_state_dict(loadable, strict=False)
     logger.info(text)
+    if scope == "encoder":
+        fresh = sorted({n.split(".")[0] for n in target if not in_scope(n)})
+        logger.info(f"pretrained_scope 'encoder': {len(loadable)} encoder tensors loaded; the decoder "
+                    f"({', '.join(fresh)}) starts from random weights" +
+                    (f" ({len(out_of_scope)} decoder tensors in the file were not loaded)." if out_of_scope else "."))
     return report

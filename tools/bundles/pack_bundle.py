@@ -10,7 +10,8 @@
 The zip holds one folder named after the bundle (``download --name <name> --url ...`` saves ``<name>.zip`` in
 ``--bundle_dir`` and unpacks it there, so the bundle lands in ``<bundle_dir>/<name>``) with what a user of the weights
 needs: ``configs/``, ``docs/``, ``scripts/`` (if any), ``LICENSE``, ``models/model.pt`` (the backbone state dict the
-pretraining saved; full training checkpoints, the whole pretraining network and ``eval/`` logs stay behind) and a
+pretraining saved) with ``models/model.provenance.json`` (its preprocessing, backbone and versions; full training
+checkpoints, the whole pretraining network and ``eval/`` logs stay behind) and a
 ``large_files.yml`` in the MONAI model zoo's format listing ``models/model.pt`` with its SHA-256 and a URL: a
 placeholder unless ``--url`` gives it. Fill it in when you host the weights separately; then
 ``python -m monai.bundle download_large_files --bundle_path <bundle>`` fetches and checks them, and the finetune
@@ -35,6 +36,7 @@ __all__ = ["pack_bundle", "main", "URL_PLACEHOLDER"]
 
 URL_PLACEHOLDER = "<fill in: a URL where models/model.pt can be downloaded>"
 WEIGHTS = "models/model.pt"
+PROVENANCE = "models/model.provenance.json"  # what the weights were trained with (hybridmim_components.provenance)
 METADATA = "configs/metadata.json"
 LARGE_FILES = "large_files.yml"
 CONTENT_DIRS = ("configs", "docs", "scripts")  # copied whole (scripts: code a bundle's configs may import)
@@ -61,7 +63,7 @@ def _bundle_files(bundle: str) -> tuple[list[str], list[str]]:
             keep = (
                 (top in CONTENT_DIRS and "/" in rel and not name.startswith(".") and not name.endswith(".pyc"))
                 or rel in ROOT_FILES
-                or rel == WEIGHTS
+                or rel in (WEIGHTS, PROVENANCE)
             )
             (included if keep else left_out).append(rel)
     return sorted(included), sorted(left_out)

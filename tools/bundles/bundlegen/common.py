@@ -140,3 +140,32 @@ RESUME_GUARANTEE = (
 # process group is destroyed; a destroy without that barrier aborted gloo ranks at exit now and then
 DDP_FINALIZE = ["$import hybridmim_components.distributed",
                 "$hybridmim_components.distributed.shutdown_process_group()"]
+
+
+# --- pretrained weights: keys shared by both families ---------------------------------------------------------------
+# SwinUNETR patch-merging order: "merging" (MONAI >= 1.5), "merging_legacy" (MONAI <= 1.4, what public checkpoints
+# were trained with), "mergingv2"
+DOWNSAMPLE = "merging"
+DOWNSAMPLE_REF = "$hybridmim_components.resolve_downsample(@downsample)"
+PRETRAINED_KEYS = {
+    # "all": everything but the last layer must load; "encoder": the encoder must load, the decoder starts fresh
+    "pretrained_scope": "all",
+    # fit the input layers of weights pretrained on another channel count (mean kernel repeated, scaled)
+    "adapt_in_channels": False,
+    # stop (instead of warning) when the weights' recorded preprocessing differs from this bundle's
+    "strict_preprocessing": False,
+}
+
+
+def preprocessing_record(ct: bool) -> dict:
+    """This bundle's preprocessing in the vocabulary of ``hybridmim_components.provenance`` (config references)."""
+    intensity = ({"kind": "window", "a_min": "@a_min", "a_max": "@a_max", "b_min": 0.0, "b_max": 1.0, "clip": True}
+                 if ct else {"kind": "zscore", "nonzero": True, "channel_wise": True})
+    return {"orientation": "RAS", "spacing": "@pixdim", "intensity": intensity, "crop": "@roi_size"}
+
+
+def load_pretrained_call(network: str) -> str:
+    """The `initialize` entry that loads `pretrained_path` into `network` and logs/raises its report."""
+    return ("$hybridmim_components.load_pretrained_weights(" + network + ", @pretrained_path, "
+            "scope=@pretrained_scope, adapt_in_channels=@adapt_in_channels, "
+            "expected_preprocessing=@preprocessing_record, strict_preprocessing=@strict_preprocessing)")

@@ -10,8 +10,11 @@ from __future__ import annotations
 import copy
 
 from tools.bundles.bundlegen.common import (WORKFLOW, ADAMW, ATTACH_RANDOM_STATES, DDP_DEVICE, DDP_FINALIZE, DDP_NETWORK,
-                                            RANDOM_STATES, RESUME_GUARANTEE, SAVER, location_keys, metadata_header)
+                                            DOWNSAMPLE, DOWNSAMPLE_REF, PRETRAINED_KEYS, RANDOM_STATES,
+                                            RESUME_GUARANTEE, SAVER, load_pretrained_call, location_keys,
+                                            metadata_header, preprocessing_record)
 from tools.bundles.bundlegen.figures import performance_section
+from tools.bundles.bundlegen.onnx import onnx_files, readme_section as onnx_readme_section
 
 __all__ = ["TASKS", "BACKBONES", "bundle_name", "bundles", "build_bundle"]
 
@@ -236,6 +239,7 @@ def _network_def(backbone: str, task: str, inference: bool = False) -> dict:
             "feature_size": "@feature_size",
             "drop_rate": 0.0,
             "use_checkpoint": False if inference else "@use_checkpoint",
+            "downsample": DOWNSAMPLE_REF,
         }
     return {
         "_target_": "monai.networks.nets.BasicUNet",
@@ -439,6 +443,7 @@ def train_config(backbone: str, task: str) -> dict:
                     "$import hybridmim_components.workflow"],
         **location_keys(t["dataset_dir"]),
         "pretrained_path": f"$@bundle_root + '/../{pretrain_bundle(backbone, task)}/models/model.pt'",
+        **PRETRAINED_KEYS,
         "label_fraction": 1.0,
         "resume": False,
         "seed": SEED,
@@ -457,7 +462,11 @@ def train_config(backbone: str, task: str) -> dict:
         cfg.update({"a_min": -1000.0, "a_max": 1000.0})
     cfg[b["width_key"]] = b["width"]
     if backbone == "swin":
+        cfg["downsample"] = DOWNSAMPLE  # patch-merging order; "merging_legacy" for weights trained on MONAI <= 1.4
+    if backbone == "swin":
         cfg["use_checkpoint"] = True
+    # this bundle's preprocessing, compared with the record the pretrained weights come with
+    cfg["preprocessing_record"] = preprocessing_record(t["modality"] == "CT")
     cfg.update(
         {
             "num_samples": t["num_samples"],
@@ -615,7 +624,7 @@ def train_config(backbone: str, task: str) -> dict:
         *_data_check_initialize(task),
         # backbone weights of the pretraining bundle (encoder and decoder; only the last layer starts from scratch);
         # the loader logs its report and stops on weights that do not fit
-        "$hybridmim_components.load_pretrained_weights(@network_def, @pretrained_path)",
+        load_pretrained_call("@network_def"),
         ATTACH_RANDOM_STATES,
         "$@train#checkpoint_saver.attach(@train#trainer)",
         "$@train#checkpoint_loader.attach(@train#trainer)",
@@ -702,7 +711,7 @@ def multi_gpu_config(backbone: str, task: str) -> dict:
             f"$monai.utils.set_determinism(seed={RANK_SEED})",
             f"$hybridmim_components.workflow.check_roi_size(@roi_size, {BACKBONES[backbone]['roi_multiple']})",
             *_data_check_initialize(task),
-            "$hybridmim_components.load_pretrained_weights(@network_def, @pretrained_path)",
+            load_pretrained_call("@network_def"),
             ATTACH_RANDOM_STATES,
             "$@train#checkpoint_saver.attach(@train#trainer) if dist.get_rank() == 0 else None",
             "$@train#checkpoint_loader.attach(@train#trainer)",
@@ -727,6 +736,8 @@ def inference_config(backbone: str, task: str) -> dict:
     if t["modality"] == "CT":
         cfg.update({"a_min": -1000.0, "a_max": 1000.0})
     cfg[b["width_key"]] = b["width"]
+    if backbone == "swin":
+        cfg["downsample"] = DOWNSAMPLE  # patch-merging order; "merging_legacy" for weights trained on MONAI <= 1.4
     post = [{"_target_": "Activationsd", "keys": "pred", **({"sigmoid": True} if t["sigmoid"] else {"softmax": True})},
             {"_target_": "Invertd", "keys": "pred", "transform": "@preprocessing", "orig_keys": "image",
              "nearest_interp": False, "to_tensor": True}]
@@ -1069,7 +1080,7 @@ python -m monai.bundle ckpt_export network_def --filepath models/model.ts --ckpt
     --meta_file {cfg}/metadata.json --config_file {cfg}/inference.json --use_trace True
 ```
 
-### MONAI Label
+{onnx_readme_section(backbone, t['in_channels'], roi, cfg)}### MONAI Label
 
 The bundle follows the keys MONAI Label's `monaibundle` app reads (`network_def`, `preprocessing`, `inferer`,
 `postprocessing` in `inference.json`; `train#trainer#max_epochs`, `train#dataset#data`, `validate#dataset#data`,
@@ -1100,6 +1111,7 @@ def build_bundle(backbone: str, task: str) -> dict:
         "configs/evaluate.json": evaluate_config(backbone, task),
         "configs/multi_gpu_train.json": multi_gpu_config(backbone, task),
         "configs/inference.json": inference_config(backbone, task),
+        **onnx_files(backbone, SEED),
         "configs/metadata.json": metadata(backbone, task),
         "docs/README.md": readme(backbone, task),
         "docs/data_license.txt": "Third Party Licenses\n" + "-" * 72 + "\n\n" + t["licence"],

@@ -16,8 +16,11 @@ import copy
 from dataclasses import dataclass
 
 from tools.bundles.bundlegen.common import (WORKFLOW, ADAMW, ATTACH_RANDOM_STATES, DDP_DEVICE, DDP_FINALIZE, DDP_NETWORK,
-                                            RANDOM_STATES, RESUME_GUARANTEE, SAVER, location_keys, metadata_header)
+                                            DOWNSAMPLE, PRETRAINED_KEYS, RANDOM_STATES, RESUME_GUARANTEE, SAVER,
+                                            load_pretrained_call, location_keys, metadata_header,
+                                            preprocessing_record)
 from tools.bundles.bundlegen.figures import performance_section
+from tools.bundles.bundlegen import pool
 
 # one progress bar (with the loss) for both bundle families, listed in train#handlers
 PROGRESS_BAR = {"_target_": "hybridmim_components.workflow.TrainProgressBar"}
@@ -81,7 +84,8 @@ SPECS = [
 # --- shared config pieces -----------------------------------------------------------------------------------------
 def _head(spec: Spec) -> dict:
     """Top of every config: paths, device, the method's hyper-parameters and the network."""
-    width = {"feature_size": 48} if spec.backbone == "swin" else {"features": [32, 32, 64, 128, 256, 32]}
+    width = ({"feature_size": 48, "downsample": DOWNSAMPLE} if spec.backbone == "swin"
+             else {"features": [32, 32, 64, 128, 256, 32]})
     if spec.backbone == "swin":
         network_def = {
             "_target_": "hybridmim_components.HybridMIMSwinUNETR",
@@ -91,6 +95,7 @@ def _head(spec: Spec) -> dict:
             "sub_volume_size": "@sub_volume_size",
             "region_size": "@region_size",
             "use_checkpoint": False,
+            "downsample": "@downsample",
         }
     else:
         network_def = {
@@ -184,6 +189,11 @@ def _train_config(spec: Spec) -> dict:
         # autocast dtype with amp on (MONAI's default float16; bfloat16 on Ampere and newer needs no loss scaling)
         "amp_dtype": "float16",
         "resume": False,
+        # warm start: backbone weights to continue pretraining from (our model.pt, a pretraining bundle folder, or
+        # a public checkpoint: Tang et al., model zoo, VoCo, SuPreM, DAE, the authors'); the heads start fresh
+        "pretrained_path": None,
+        **PRETRAINED_KEYS,
+        "preprocessing_record": preprocessing_record(spec.ct),
         # read every file of the datalist once before caching (stops on a truncated/corrupt file, wrong channels,
         # NaN/inf voxels); false skips the scan of a huge pool
         "check_data": True,
@@ -316,6 +326,9 @@ def _train_config(spec: Spec) -> dict:
                 "_target_": "hybridmim_components.workflow.NonFiniteLossGuard",
                 "max_nonfinite_steps": "@max_nonfinite_steps",
             },
+            # models/model.provenance.json: what a finetune must match to use models/model.pt (preprocessing,
+            # backbone, merging order, versions, pool and steps); rewritten whenever model.pt is saved
+            "provenance": _provenance_recorder(spec),
         },
         "validate": {
             "preprocessing": {
@@ -390,6 +403,24 @@ def _validation_handlers() -> list:
     ]
 
 
+def _provenance_recorder(spec: Spec) -> dict:
+    return {
+        "_target_": "hybridmim_components.provenance.ProvenanceRecorder",
+        "weights_path": "$@ckpt_dir + '/model.pt'",
+        "record": {
+            "_target_": "hybridmim_components.provenance.make_record",
+            "backbone": spec.backbone_name,
+            "width": "@feature_size" if spec.backbone == "swin" else "@features",
+            "in_channels": "@in_channels",
+            "preprocessing": "@preprocessing_record",
+            "downsample": "@downsample" if spec.backbone == "swin" else None,
+            "pool_size": "$len(load_datalist(@dataset_dir, @data_list_file_path, 'training'))",
+            "steps_planned": "$@steps_per_epoch * @train#trainer#max_epochs",
+            "source": spec.name,
+        },
+    }
+
+
 def _train_initialize(seed: str = "@seed", saver_condition: str = "") -> list:
     saver = "$@train#checkpoint_saver.attach(@train#trainer)"
     if saver_condition:
@@ -404,7 +435,10 @@ def _train_initialize(seed: str = "@seed", saver_condition: str = "") -> list:
         "('training', 'validation'), image_channels=@in_channels, enabled=@check_data)",
         "$hybridmim_components.workflow.check_contrastive_batch(@loss#contrastive_weight, @batch_size, "
         "@samples_per_volume)",
+        # warm start of the backbone (pretrained_path null: from scratch); a resumed run then loads its checkpoint
+        load_pretrained_call("@network_def.backbone"),
         ATTACH_RANDOM_STATES,
+        "$@train#provenance.attach(@train#trainer)",
         saver,
         "$@train#checkpoint_loader.attach(@train#trainer)",
         "$@train#nonfinite_guard.attach(@train#trainer)",
@@ -480,6 +514,7 @@ def _inference_config(spec: Spec, train: dict) -> dict:
             "feature_size": "@feature_size",
             "drop_rate": 0.1,
             "region_size": "@region_size",
+            "downsample": "@downsample",
         }
     else:
         head["network_def"] = {
@@ -753,7 +788,7 @@ workers, a few seconds each), and under DDP (`multi_gpu_train.json`) each proces
 {8 * CACHE_NUM:,} volumes. Raise `cache_num` when memory allows; lower it (or `cache_rate`) when not. At start,
 `check_data` reads every file once (about 0.25 s for a generated 512 × 512 × 200 `.nii.gz`, more for real scans, which
 compress less; spread over the DDP processes); `--check_data false` skips it for a pool you trust.
-
+{pool.readme_paragraph(spec)}
 ## Performance
 
 {performance_section(spec.name)}
@@ -874,4 +909,6 @@ def bundles() -> dict:
             "docs/README.md": _readme(spec),
             "docs/data_license.txt": CT_LICENSE if spec.ct else BRATS_LICENSE,
         }
+        if pool.applies(spec):
+            result[spec.name][pool.POOL_STORE_FILE] = pool.pool_store_config()
     return result
