@@ -1,0 +1,172 @@
+"""Training crops read from a preprocessed pool store: a pool of thousands of CTs without holding them in memory.
+
+``tools/data/preprocess_pool.py`` applies the deterministic part of a pretraining bundle's own transforms
+(``train#deterministic_transforms``: load, RAS, spacing, intensity window, foreground crop, pad, float32) once per
+volume and writes the result to a store::
+
+    <store_dir>/manifest.json          what is in the store (format, transforms, one record per volume, failures)
+    <store_dir>/volumes/<id>.npy       the preprocessed volume, float32, C x H x W x D, uncompressed (memory-mapped)
+    <store_dir>/volumes/<id>.json      its record (source, SHA-256, size, mtime, shape, spacing, affine)
+
+A training step then needs only its crops: :class:`PoolRandCropSamplesd` memory-maps a volume, copies out
+``num_samples`` random crops (the OS reads just the pages they cover: a 96³ crop of a 1 x 273 x 273 x 150 volume is 96
+contiguous runs of 96 x 150 voxels) and unmaps it again, so no process keeps more than the crops it is working on and
+its RAM does not grow with the pool. It draws the crop corners exactly as ``RandSpatialCropSamplesd`` does (same
+generator calls), and sets the crop's affine the same way, so the bundle's remaining random transforms
+(``HierarchicalMaskd``) get what they would get from the in-memory pipeline. :func:`pool_store_entries` lists the
+store's volumes, each process of a DDP run only its shard.
+
+The bundles use it through ``configs/pool_store.json`` (layered last on ``train.json``, and on
+``multi_gpu_train.json`` under DDP).
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.data.utils import get_random_patch, get_valid_patch_size
+from monai.transforms import MapTransform, Randomizable
+from monai.utils import MAX_SEED
+from monai.utils import ImageMetaKey
+
+from .data import partition_for_rank
+
+__all__ = ["STORE_FORMAT", "MANIFEST", "read_manifest", "pool_store_entries", "PoolRandCropSamplesd"]
+
+#: ``format`` of a store's manifest; a reader refuses any other.
+STORE_FORMAT = "hybridmim-pool-store/1"
+MANIFEST = "manifest.json"
+#: entry keys (besides the image key, which holds the ``.npy`` path) that :class:`PoolRandCropSamplesd` consumes
+AFFINE_KEY, SOURCE_KEY = "pool_affine", "pool_source"
+
+
+def read_manifest(store_dir: str) -> Dict[str, Any]:
+    """The manifest of the store in ``store_dir`` (``manifest.json``), checked for the store format.
+
+    Raises:
+        FileNotFoundError: no manifest (not a store, or the preprocessor never finished a pass).
+        ValueError: not JSON, or another format.
+    """
+    path = os.path.join(os.path.expanduser(str(store_dir)), MANIFEST)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"pool store '{store_dir}' has no {MANIFEST}; build it with "
+            "`python tools/data/preprocess_pool.py <bundle_dir> <store_dir> --dataset_dir <data>` (pool_store_dir).")
+    try:
+        with open(path, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"pool store manifest '{path}' is not valid JSON: {e}.") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != STORE_FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise ValueError(f"pool store manifest '{path}': format {found!r}, expected {STORE_FORMAT!r}.")
+    return manifest
+
+
+def pool_store_entries(
+    store_dir: str, roi_size: Optional[Sequence[int]] = None, seed: int = 0, shard: bool = True
+) -> List[Dict[str, Any]]:
+    """The volumes of a pool store as dataset entries ``{"image": <.npy path>, "pool_affine": 4x4, "pool_source"}``.
+
+    Under ``torch.distributed`` (and ``shard``), only this process's shard (:func:`partition_for_rank`: seeded
+    shuffle, equal lengths), so that each rank reads its own volumes.
+
+    Args:
+        store_dir: the store folder (holds ``manifest.json``).
+        roi_size: the training crop; every volume must be at least this large in every spatial dimension (the
+            store was padded to the crop size it was built with).
+        seed: seed of the shard shuffle (the bundle's ``seed``: every rank must use the same).
+
+    Raises:
+        ValueError: an empty store, or a volume smaller than ``roi_size`` (named, with the fix).
+        FileNotFoundError: a volume file the manifest lists is missing.
+    """
+    manifest = read_manifest(store_dir)
+    root = os.path.abspath(os.path.expanduser(str(store_dir)))
+    records = manifest.get("volumes") or []
+    if not records:
+        failed = len(manifest.get("failed") or [])
+        raise ValueError(f"pool store '{root}' holds no volumes ({failed} failed to preprocess; see its {MANIFEST}).")
+    entries = []
+    for record in records:
+        path = os.path.join(root, record["file"])
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"pool store '{root}': volume file '{path}' of '{record['source']}' is missing; "
+                                    "rerun the preprocessor to redo it.")
+        spatial = list(record["shape"][1:])
+        if roi_size is not None and any(s < r for s, r in zip(spatial, roi_size)):
+            raise ValueError(
+                f"pool store '{root}': volume '{record['file']}' (from '{record['source']}') is {spatial} voxels, "
+                f"smaller than roi_size {list(roi_size)}; rebuild the store with the same --roi_size override as "
+                "training (it pads every volume to at least the crop).")
+        entries.append({"image": path, AFFINE_KEY: record["affine"], SOURCE_KEY: record["source"]})
+    if shard:
+        return partition_for_rank(entries, shuffle=True, seed=seed, even_divisible=True, what=f"pool store '{root}'")
+    return entries
+
+
+class PoolRandCropSamplesd(Randomizable, MapTransform):
+    """``num_samples`` random ``roi_size`` crops of a store volume, read from its memory map: the store's stand-in
+    for ``RandSpatialCropSamplesd`` after the deterministic transforms.
+
+    Input: an entry of :func:`pool_store_entries` (``keys`` hold ``.npy`` paths of ``C x H x W x D`` float32
+    volumes). Output: a list of ``num_samples`` dicts whose ``keys`` hold ``C x roi`` float32 ``MetaTensor`` crops
+    with the crop's affine (volume affine moved to the crop's first voxel) and ``filename_or_obj`` = the source;
+    other entry keys are copied, the ``pool_*`` keys dropped.
+
+    Random draws: one ``sub_seed`` from ``self.R`` per call, then per sample the corner from a generator seeded
+    with it, as ``RandSpatialCropSamplesd`` draws them; with equal generator states both crop the same places.
+    """
+
+    def __init__(self, keys: KeysCollection, roi_size: Sequence[int], num_samples: int = 1,
+                 allow_missing_keys: bool = False) -> None:
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        if int(num_samples) < 1:
+            raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}.")
+        self.roi_size = tuple(int(r) for r in roi_size)
+        self.num_samples = int(num_samples)
+        self.sub_seed = 0
+
+    def randomize(self, data: Any = None) -> None:
+        self.sub_seed = self.R.randint(MAX_SEED, dtype="uint32")
+
+    def __call__(self, data: Mapping) -> List[Dict]:
+        self.randomize()
+        out: List[Dict] = [
+            {k: v for k, v in data.items() if k not in (AFFINE_KEY, SOURCE_KEY) and k not in self.keys}
+            for _ in range(self.num_samples)
+        ]
+        for key in self.key_iterator(dict(data)):
+            path = data[key]
+            if not isinstance(path, str) or not path.endswith(".npy"):
+                raise ValueError(
+                    f"PoolRandCropSamplesd: '{key}' must be the .npy path of a pool store volume, got {path!r}; "
+                    "configs/pool_store.json must be listed after train.json and multi_gpu_train.json so that "
+                    "train#dataset#data is pool_store_entries(...).")
+            affine = np.asarray(data.get(AFFINE_KEY, np.eye(4)), dtype=np.float64)
+            source = data.get(SOURCE_KEY, path)
+            volume = np.load(path, mmap_mode="r")  # header read only; pages are read as the crops touch them
+            try:
+                spatial = volume.shape[1:]
+                if len(spatial) != len(self.roi_size):
+                    raise ValueError(f"PoolRandCropSamplesd: volume '{path}' has shape {volume.shape}, expected C + "
+                                     f"{len(self.roi_size)} spatial dimensions (roi_size {list(self.roi_size)}).")
+                size = get_valid_patch_size(spatial, self.roi_size)
+                # a generator seeded like RandSpatialCropSamplesd's cropper: the same corners for the same state
+                corners = np.random.RandomState(int(self.sub_seed))
+                for i in range(self.num_samples):
+                    slices = get_random_patch(spatial, size, corners)
+                    crop = np.array(volume[(slice(None), *slices)], dtype=np.float32)  # copy: the map is dropped
+                    shift = np.eye(4)
+                    shift[:3, 3] = [s.start for s in slices]
+                    image = MetaTensor(torch.from_numpy(crop), affine=torch.as_tensor(affine @ shift),
+                                       meta={ImageMetaKey.FILENAME_OR_OBJ: source, "patch_index": i})
+                    out[i][key] = image
+            finally:
+                del volume  # unmapped: the pages read leave this process's RSS
+        return out
