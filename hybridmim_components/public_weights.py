@@ -316,7 +316,8 @@ LAYOUTS: dict[str, Layout] = {
             notes="A flat state dict in MONAI's names (module./backbone. prefixes and a model/state_dict/network "
             "wrapper allowed: a whole pretraining network keeps only its backbone). Preprocessing and merging "
             "order come from the provenance record beside the file (models/model.provenance.json), which wins "
-            "over the defaults here.",
+            "over the defaults here. Without one the merging order is not known from the keys: a file in MONAI's "
+            "names trained with MONAI < 1.5 (e.g. another group's bare SwinUNETR) needs merging_legacy.",
             sources=("this project: hybridmim_components/workflow/checkpoints.py",),
         ),
     )

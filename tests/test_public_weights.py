@@ -344,3 +344,12 @@ def test_layout_table_is_complete():
         assert layout.merging in ("merging", "merging_legacy")
         assert set(layout.preprocessing) == {"orientation", "spacing", "intensity", "crop"}, name
         assert layout.licence
+
+
+def test_swin_vit_spelling_is_renamed():
+    # VoCo's and research-contributions' loaders rename 'swin_vit' to 'swinViT': some files use that spelling
+    source = swin_state()
+    raw = {k.replace("swinViT.", "swin_vit.", 1): v for k, v in source.items()}
+    result = convert_checkpoint(raw)
+    assert result.layout.name == "hybridmim_bundle"
+    assert_converted(result, source, list(source), n_dropped=0)
