@@ -241,15 +241,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _spoil_training_sources(data) -> None:
+    """Overwrite the training NIfTIs with bytes no reader accepts: the crops can only come from the store."""
+    with open(data[1]) as f:
+        for entry in json.load(f)["training"]:
+            with open(os.path.join(data[0], entry["image"]), "wb") as g:
+                g.write(b"not an image")
+
+
 @pytest.mark.slow
 def test_a_pretraining_bundle_trains_from_the_store_through_the_cli(tmp_path):
     data = _pool(tmp_path / "data", n_train=2)
     store_dir = str(tmp_path / "store")
     _build(data, store_dir)
-    # the source NIfTIs of the training list are gone: the crops can only come from the store
-    with open(data[1]) as f:
-        for entry in json.load(f)["training"]:
-            os.remove(os.path.join(data[0], entry["image"]))
+    _spoil_training_sources(data)
     log = _bundle_cli(["train.json", "pool_store.json"], data, store_dir, tmp_path)
     assert "train_reconstruction:" in log and "val_recon_mse" in log
     state = torch.load(str(tmp_path / "models" / "checkpoint_final.pt"), map_location="cpu", weights_only=True)
@@ -261,9 +266,7 @@ def test_a_pretraining_bundle_trains_from_the_store_under_two_process_ddp(tmp_pa
     data = _pool(tmp_path / "data", n_train=2)
     store_dir = str(tmp_path / "store")
     _build(data, store_dir)
-    with open(data[1]) as f:
-        for entry in json.load(f)["training"]:
-            os.remove(os.path.join(data[0], entry["image"]))
+    _spoil_training_sources(data)
     log = _bundle_cli(["train.json", "multi_gpu_train.json", "pool_store.json"], data, store_dir, tmp_path,
                       torchrun=True)
     assert log.count("Metrics -- ") == 1, "validation metrics are logged by rank 0 only"
@@ -283,7 +286,7 @@ def test_the_benchmark_runs_at_a_tiny_size(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run(
         [sys.executable, os.path.join(REPO_ROOT, "tools", "benchmarks", "benchmark_pool_store.py"),
-         "--n_small", "2", "--n_large", "3", "--shape", "96,96,64", "--roi", "32", "--crops", "4",
+         "--n_small", "2", "--n_large", "3", "--shape", "96,96,64", "--roi", "32", "--crops", "4", "--workers", "1",
          "--workdir", str(tmp_path / "work"), "--json", str(out), "--markdown", str(tmp_path / "bench.md")],
         env=_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
