@@ -202,8 +202,11 @@ LAYOUTS: dict[str, Layout] = {
                                    "crop": [64, 64, 64]}),
             architecture=_frozen({"backbone": "SwinUNETR", "feature_size": (48, 96, 192), "in_channels": 1,
                                   "use_v2": True, "out_channels": None}),
-            notes="backbone.{swinViT (with layers1c..4c: use_v2), encoder1..4, encoder10} and the student/teacher "
-            "projection heads (dropped); no decoder. Feature size 48 (B), 96 (L), 192 (H). Trained with "
+            notes="The published VoCo_*_SSL_head.pt hold the bare encoder in MONAI names (145 tensors: swinViT "
+            "with layers1c..4c (use_v2), encoder1..4, encoder10; no student/teacher heads, per "
+            "Luffy03/Large-Scale-Medical issues #14 and #40); checkpoints of voco_train.py hold [module.]backbone.* "
+            "plus the student/teacher projection heads (dropped). No decoder. Feature size 48 (B), 96 (L), "
+            "192 (H). Trained with "
             "monai==1.3.0. Spacing and crop are the pretraining script's defaults; some datasets use their own "
             "spacing (utils/data_trans.py).",
             sources=(
@@ -212,6 +215,7 @@ LAYOUTS: dict[str, Layout] = {
                 "Luffy03/Large-Scale-Medical:Self-supervised/voco_train.py",
                 "Luffy03/Large-Scale-Medical:Downstream/monai/BTCV/models/models.py",
                 "Luffy03/Large-Scale-Medical:requirements.txt",
+                "https://github.com/Luffy03/Large-Scale-Medical/issues/40",
             ),
         ),
         Layout(
@@ -225,8 +229,9 @@ LAYOUTS: dict[str, Layout] = {
                                    "crop": [64, 64, 64]}),
             architecture=_frozen({"backbone": "SwinUNETR", "feature_size": (48, 96, 192), "in_channels": 1,
                                   "use_v2": True, "out_channels": 21}),
-            notes="backbone.<whole SwinUNETR-v2 with a 21-class out> plus student/teacher heads (dropped). The "
-            "layout of the published file is inferred from the training code.",
+            notes="A bare SwinUNETR-v2 with a 21-class out (the README's loader matches plain MONAI names), or, as "
+            "voco_train.py saves it, backbone.<the same> plus student/teacher heads (dropped). The published "
+            "file's exact keys are inferred from the README and the training code.",
             sources=(
                 "Luffy03/Large-Scale-Medical:Omni-supervised/models/voco_head.py",
                 "Luffy03/Large-Scale-Medical:Omni-supervised/voco_train.py",
@@ -424,7 +429,20 @@ def _layout_name(checkpoint: Mapping) -> tuple[str, str | None, dict[str, torch.
     name = _detect(wrapper, names)
     if name is None and _has_prefix(names, "swinViT.", "swin_vit.", "backbone.swinViT."):
         plain = {(k[len("backbone."):] if k.startswith("backbone.") else k): v for k, v in flat.items()}
-        name = "model_zoo_swin_unetr_btcv" if _is_model_zoo_btcv(plain) else "hybridmim_bundle"
+        if _is_model_zoo_btcv(plain):
+            name = "model_zoo_swin_unetr_btcv"
+        elif any(k.startswith(("swinViT.layers1c.", "swin_vit.layers1c.")) for k in plain):
+            # a bare SwinUNETR-v2: VoCo publishes its encoder so (VoCo_*_SSL_head.pt), VoComni the whole network
+            # with its 21-class out; our bundles never build use_v2
+            out = plain.get("out.conv.conv.weight")
+            if "decoder1.transp_conv.conv.weight" not in plain:
+                name = "voco"
+            elif out is not None and out.shape[0] == 21:
+                name = "vocomni"
+            else:
+                name = "hybridmim_bundle"
+        else:
+            name = "hybridmim_bundle"
     if name is None:
         shown = ", ".join(names[:8]) + (f", ... (+{len(names) - 8})" if len(names) > 8 else "")
         raise ValueError(
@@ -485,8 +503,8 @@ def _convert_names(name: str, flat: Mapping[str, torch.Tensor]) -> tuple[dict, l
         elif name in ("voco", "vocomni", "suprem_swin") or (name == "hybridmim_bundle" and key.startswith("backbone.")):
             if key.startswith("backbone."):
                 keep_monai(key, key[len("backbone."):])
-            elif name == "suprem_swin" and _top(key) in SWIN_UNETR_MODULES:
-                keep_monai(key, key)  # SuPreM's *_backbone.pth: the bare SwinUNETR under 'net'
+            elif _top(key) in SWIN_UNETR_MODULES or _top(key) == "swin_vit":
+                keep_monai(key, key)  # the bare network: VoCo's published files, SuPreM's *_backbone.pth
             else:
                 dropped.append(key)
         else:  # tang_ssl_head, hybridmim_authors, model_zoo_swin_unetr_btcv, hybridmim_bundle: MONAI names already

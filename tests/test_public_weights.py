@@ -353,3 +353,19 @@ def test_swin_vit_spelling_is_renamed():
     result = convert_checkpoint(raw)
     assert result.layout.name == "hybridmim_bundle"
     assert_converted(result, source, list(source), n_dropped=0)
+
+
+def test_voco_published_file_is_the_bare_encoder():
+    # VoCo_B_SSL_head.pt as published: 145 tensors in MONAI names, no heads (Large-Scale-Medical issue #40)
+    source = swin_state(use_v2=True)
+    encoder = only(source, *SWIN_ENC)
+    assert len(encoder) == 145
+    result = convert_checkpoint(encoder)
+    assert result.layout.name == "voco" and result.layout.merging == "merging_legacy"
+    assert_converted(result, source, list(encoder), n_dropped=0)
+    assert result.covers == "encoder"
+
+
+def test_vocomni_published_file_and_other_v2_networks():
+    assert detect_layout(swin_state(use_v2=True, out_channels=21)).name == "vocomni"
+    assert detect_layout(swin_state(use_v2=True, out_channels=3)).name == "hybridmim_bundle"
