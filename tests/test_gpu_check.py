@@ -1,0 +1,111 @@
+"""``tools/gpu_check.py`` on this CPU: the command chooses tiny settings by itself, says so, and writes sane figures.
+
+Run as documented (a subprocess, no flags but the families and the output folder), then its JSON is checked against
+independent counts: FLOPs of each bundle's step against ``compute_step_cost`` on the meta device, a convolution's FLOPs
+by hand, the sliding-window settings against the bundle's own ``validate#inferer``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(REPO_ROOT, "tools", "gpu_check.py")
+
+
+def _run(args: list[str], timeout: int = 600) -> str:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, SCRIPT, *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"gpu_check failed (exit {proc.returncode}):\n{out[-6000:]}"
+    return out
+
+
+def _check_training_rows(result: dict) -> None:
+    from tools.benchmarks.compute_step_cost import training_step_cost
+
+    expected_flops = {}
+    for row in result["training"]:
+        assert row["status"] == "ok", row
+        crops = row["settings"]["crops_per_step"]
+        assert row["s_per_step"] > 0 and len(row["step_times_s"]) == result["timed_steps"]
+        assert row["volumes_per_s"] == pytest.approx(crops / row["s_per_step"])
+        assert row["achieved_tflops"] == pytest.approx(row["flops_per_step"] / row["s_per_step"] / 1e12)
+        assert row["loss_finite"]
+        if row["bundle"] not in expected_flops:  # the same step counted on the meta device, in fp32
+            expected_flops[row["bundle"]] = training_step_cost(row["bundle"], row["overrides"], "meta")["flops"]
+        # autocast changes the dtypes, not the products: every precision counts the same FLOPs
+        assert row["flops_per_step"] == expected_flops[row["bundle"]] > 0, row["bundle"]
+        assert row["peak_memory_gib"] is None  # CPU: no GPU memory; the process's RSS is recorded instead
+    assert result["process_max_rss_gib"] > 0
+
+
+def test_cpu_run_is_tiny_says_so_and_its_figures_are_sane(tmp_path):
+    out = _run(["--families", "unet pretrain", "unet finetune", "--output-dir", str(tmp_path)])
+    if torch.cuda.is_available():
+        pytest.skip("CUDA machine: the automatic tiny settings are a CPU behaviour")
+    assert "TINY settings (no CUDA device" in out
+    result = json.loads((tmp_path / "gpu_check_cpu_tiny.json").read_text())
+    md = (tmp_path / "gpu_check_cpu_tiny.md").read_text()
+    assert result["tiny"] is True and "no CUDA" in result["tiny_reason"] and "**Tiny settings**" in md
+    assert result["machine"]["gpu"] is None and result["device"] == "cpu"
+
+    check = result["flop_counter_check"]
+    assert check["counted"] == check["by_hand"] == 3 * 2 * (3 * 64 * 2 * 27)  # (fwd, dW, dX) × 2 × multiply-adds
+    bundles = {(r["bundle"], r["precision"]) for r in result["training"]}
+    assert bundles == {(b, p) for b in ("hybridmim_unet_pretrain", "hybridmim_unet_pretrain_brats",
+                                        "hybridmim_unet_btcv") for p in ("fp32", "fp16", "bf16")}
+    _check_training_rows(result)
+    brats = next(r for r in result["training"] if r["bundle"] == "hybridmim_unet_pretrain_brats")
+    assert brats["settings"]["in_channels"] == 4  # read from the BraTS bundle, not assumed
+
+    (inference,) = result["inference"]
+    with open(os.path.join(REPO_ROOT, "bundles", "hybridmim_unet_btcv", "configs", "train.json")) as f:
+        bundle_inferer = json.load(f)["validate"]["inferer"]
+    assert inference["status"] == "ok" and inference["output_finite"]
+    assert inference["sw_batch_size"] == bundle_inferer["sw_batch_size"]
+    assert inference["overlap"] == bundle_inferer["overlap"]
+    assert inference["roi_size"] == [32, 32, 32]  # the tiny crop (the bundle's roi_size is overridden)
+    assert inference["output_shape"] == [1, 14, 80, 72, 40]  # BTCV: 13 organs + background, the whole volume
+    assert result["ddp"]["status"] == "ok" and result["ddp"]["backend"] == "gloo" and result["ddp"]["grad_finite"]
+    assert "| hybridmim_unet_btcv | 32×32×32 | 1 | bf16 |" in md and "## DDP start" in md
+
+
+@pytest.mark.slow
+def test_cpu_run_of_every_family(tmp_path):
+    """The command as a GPU session would type it (here on CPU, so tiny): all six bundles, Swin included."""
+    _run(["--output-dir", str(tmp_path)], timeout=900)
+    name = "gpu_check_cuda" if torch.cuda.is_available() else "gpu_check_cpu_tiny"
+    result = json.loads((tmp_path / f"{name}.json").read_text())
+    assert {r["family"] for r in result["training"]} == {"swin pretrain", "unet pretrain", "swin finetune",
+                                                         "unet finetune"}
+    if not torch.cuda.is_available():
+        _check_training_rows(result)
+    assert [r["bundle"] for r in result["inference"]] == ["hybridmim_swin_btcv", "hybridmim_unet_btcv"]
+    assert all(r["status"] == "ok" for r in result["inference"])
+
+
+def test_settings_past_the_time_budget_are_recorded_as_skipped(tmp_path):
+    from tools import gpu_check
+
+    result = gpu_check.main(["--families", "unet finetune", "--precisions", "fp32", "bf16", "--time-budget", "0",
+                             "--no-inference", "--output-dir", str(tmp_path)])
+    assert [r["status"] for r in result["training"]] == ["skipped", "skipped"]
+    assert "time budget" in result["training"][0]["error"]
+    assert "skipped" in (tmp_path / ("gpu_check_cuda.md" if torch.cuda.is_available() else
+                                     "gpu_check_cpu_tiny.md")).read_text()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_requested_without_cuda_is_refused(tmp_path, capsys):
+    from tools import gpu_check
+
+    with pytest.raises(SystemExit):
+        gpu_check.main(["--device", "cuda", "--output-dir", str(tmp_path)])
+    assert "torch sees no CUDA device" in capsys.readouterr().err
