@@ -161,9 +161,10 @@ LAYOUTS: dict[str, Layout] = {
             preprocessing=_frozen({"orientation": "RAS", "spacing": None, "intensity": _window(-1000, 1000),
                                    "crop": [96, 96, 96]}),
             architecture=_frozen({**_SWIN_ARCH_48, "out_channels": None}),
-            notes="The whole SSLHead of the pretraining script: swinViT plus rotation_head, contrastive_head and the "
-            "reconstruction conv (dropped). The file's layout is inferred from the training code and SuPreM's "
-            "loader, not from the file itself.",
+            notes="The whole SSLHead of the pretraining script: swinViT (spelled swin_vit before "
+            "research-contributions PR #88, Aug 2022) plus rotation_head, contrastive_head and the reconstruction "
+            "conv (dropped). The file's layout is inferred from the training code and SuPreM's loader, not from "
+            "the file itself.",
             sources=(
                 "Project-MONAI/research-contributions:SwinUNETR/Pretrain/models/ssl_head.py",
                 "Project-MONAI/research-contributions:SwinUNETR/Pretrain/main.py",
@@ -388,8 +389,8 @@ def _detect(wrapper: str | None, names: list[str]) -> str | None:
         return "dae_swin"
     if "patch_embed.proj.weight" in names and _has_prefix(names, "layers1.0.blocks."):
         return "tang_ssl_swinvit"
-    if _has_prefix(names, "swinViT.", "swin_vit.") and _has_prefix(names, *_TANG_HEADS):
-        return "tang_ssl_head"
+    if _has_prefix(names, "swin_vit.") or (_has_prefix(names, "swinViT.") and _has_prefix(names, *_TANG_HEADS)):
+        return "tang_ssl_head"  # 'swin_vit' is the SSLHead's name for its encoder before research-contributions#88
     if _has_prefix(names, "backbone.swinViT."):
         if _has_prefix(names, *_UNIVERSAL_HEADS):
             return "suprem_swin"

@@ -346,13 +346,16 @@ def test_layout_table_is_complete():
         assert layout.licence
 
 
-def test_swin_vit_spelling_is_renamed():
-    # VoCo's and research-contributions' loaders rename 'swin_vit' to 'swinViT': some files use that spelling
+def test_swin_vit_spelling_is_the_old_ssl_head():
+    # the SSLHead named its encoder 'swin_vit' until research-contributions PR #88; loaders rename it to 'swinViT'
     source = swin_state()
-    raw = {k.replace("swinViT.", "swin_vit.", 1): v for k, v in source.items()}
-    result = convert_checkpoint(raw)
-    assert result.layout.name == "hybridmim_bundle"
-    assert_converted(result, source, list(source), n_dropped=0)
+    swin = only(source, "swinViT")
+    raw = {"module." + k.replace("swinViT.", "swin_vit.", 1): v for k, v in swin.items()}
+    raw["module.rotation_head.weight"], raw["module.rotation_head.bias"] = torch.randn(4, 16 * FS), torch.randn(4)
+    for ckpt in ({"state_dict": raw}, {k: v for k, v in raw.items() if "rotation" not in k}):
+        result = convert_checkpoint(ckpt)
+        assert result.layout.name == "tang_ssl_head"
+        assert_converted(result, source, list(swin), n_dropped=len(ckpt.get("state_dict", ckpt)) - len(swin))
 
 
 def test_voco_published_file_is_the_bare_encoder():
