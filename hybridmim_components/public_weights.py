@@ -466,14 +466,19 @@ def detect_layout(checkpoint: Mapping) -> Layout:
 
 def _convert_names(name: str, flat: Mapping[str, torch.Tensor]) -> tuple[dict, list[str], list[str]]:
     """Rename ``flat`` (``module.`` stripped) for layout ``name``: (state dict, dropped names, notes)."""
-    out, dropped, notes = {}, [], []
+    out, dropped, notes, origin = {}, [], [], {}
+
+    def put(key: str, target: str) -> None:
+        if target in out:  # e.g. both 'backbone.x' and 'x' in one file: which one is meant is not ours to guess
+            raise ValueError(f"checkpoint keys {origin[target]!r} and {key!r} both map to {target!r}.")
+        out[target], origin[target] = flat[key], key
 
     def keep_monai(key: str, target: str) -> None:
         top = _top(target)
         if top in ("swinViT", "swin_vit"):
-            out["swinViT." + _swin_name(target.split(".", 1)[1])] = flat[key]
+            put(key, "swinViT." + _swin_name(target.split(".", 1)[1]))
         elif top in SWIN_UNETR_MODULES or top in BASIC_UNET_MODULES:
-            out[target] = flat[key]
+            put(key, target)
         else:
             dropped.append(key)
 
@@ -481,7 +486,7 @@ def _convert_names(name: str, flat: Mapping[str, torch.Tensor]) -> tuple[dict, l
         if name == "tang_ssl_swinvit":
             # model_swinvit.pt: the SwinTransformer's own names, no swinViT. prefix; norm.* is a final LayerNorm
             if _top(key) in ("patch_embed", "layers1", "layers2", "layers3", "layers4"):
-                out["swinViT." + _swin_name(key)] = flat[key]
+                put(key, "swinViT." + _swin_name(key))
             else:
                 dropped.append(key)
         elif name == "dae_swin":
@@ -491,25 +496,20 @@ def _convert_names(name: str, flat: Mapping[str, torch.Tensor]) -> tuple[dict, l
                                                                          "patch_embed.proj.bias"):
                     dropped.append(key)  # the DAE code's convolution stem: no MONAI PatchEmbed counterpart
                 else:
-                    out["swinViT." + rest] = flat[key]
+                    put(key, "swinViT." + rest)
             elif re.match(r"encoder\.layers[1-4]\.0\.0\.", key):
                 # SimMIM wraps each BasicLayer in one more ModuleList: layersN.0.0. -> layersN.0.
                 rest = key[len("encoder."):]
                 layer, _, _, tail = rest.split(".", 3)
-                out["swinViT." + _swin_name(f"{layer}.0.{tail}")] = flat[key]
+                put(key, "swinViT." + _swin_name(f"{layer}.0.{tail}"))
             elif key.startswith("encoder."):
                 dropped.append(key)  # mask_token, final norm
             else:
                 keep_monai(key, key)
-        elif name in ("voco", "vocomni", "suprem_swin") or (name == "hybridmim_bundle" and key.startswith("backbone.")):
-            if key.startswith("backbone."):
-                keep_monai(key, key[len("backbone."):])
-            elif _top(key) in SWIN_UNETR_MODULES or _top(key) == "swin_vit":
-                keep_monai(key, key)  # the bare network: VoCo's published files, SuPreM's *_backbone.pth
-            else:
-                dropped.append(key)
-        else:  # tang_ssl_head, hybridmim_authors, model_zoo_swin_unetr_btcv, hybridmim_bundle: MONAI names already
-            keep_monai(key, key)
+        else:
+            # the other layouts already use MONAI's names, maybe below a pretraining wrapper's backbone. (VoCo,
+            # SuPreM, our whole pretraining network); anything outside the network's modules is a head: dropped
+            keep_monai(key, key[len("backbone."):] if key.startswith("backbone.") else key)
     if name == "dae_swin" and any(k.startswith("encoder.patch_embed.proj.conv") for k in flat):
         notes.append(
             "the file's patch embedding is a convolution stem (encoder.patch_embed.proj.conv1/conv2/norm1/norm2) "

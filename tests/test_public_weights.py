@@ -372,3 +372,11 @@ def test_voco_published_file_is_the_bare_encoder():
 def test_vocomni_published_file_and_other_v2_networks():
     assert detect_layout(swin_state(use_v2=True, out_channels=21)).name == "vocomni"
     assert detect_layout(swin_state(use_v2=True, out_channels=3)).name == "hybridmim_bundle"
+
+
+def test_two_keys_for_one_parameter_stop():
+    source = swin_state()
+    raw = dict(source)
+    raw["backbone.out.conv.conv.bias"] = torch.zeros(2)
+    with pytest.raises(ValueError, match="'out.conv.conv.bias'.*both map to 'out.conv.conv.bias'"):
+        convert_checkpoint(raw)
