@@ -13,7 +13,7 @@ from .losses import (
     MaskNumberLoss,
     PartialRegionReconstructionLoss,
 )
-from .merging import LegacyPatchMerging, resolve_downsample
+from .merging import DOWNSAMPLE_CHOICES, LegacyPatchMerging, resolve_downsample
 from .masking import HierarchicalMask, HierarchicalMaskd, masked_voxels_in_region, patch_mask_to_labels
 from .networks import HybridMIMNet, HybridMIMSwinUNETR, HybridMIMUNet
 from .transfer import PretrainedWeightsError, extract_state_dict, load_pretrained_weights

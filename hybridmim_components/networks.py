@@ -185,7 +185,7 @@ class HybridMIMSwinUNETR(HybridMIMNet):
     ``backbone`` is ``SwinUNETR(in_channels, out_channels=in_channels, feature_size, drop_rate, use_checkpoint,
     downsample)``: the finetune bundles build the same network with another ``out_channels``. ``downsample``
     ``"merging_legacy"`` is the patch-merging order of MONAI before 1.5 (:mod:`hybridmim_components.merging`), for
-    warm starts from weights trained with it.
+    warm starts from weights trained with it; ``use_v2`` adds SwinUNETR-v2's residual conv blocks (VoCo weights).
     """
 
     bottleneck_stride = 32
@@ -202,6 +202,7 @@ class HybridMIMSwinUNETR(HybridMIMNet):
         contrastive_views: str = "two_sided",
         use_checkpoint: bool = False,
         downsample: str | type = "merging",
+        use_v2: bool = False,
     ) -> None:
         super().__init__(16 * feature_size, sub_volume_size, region_size, projection_dim, contrastive_views)
         from hybridmim_components.merging import resolve_downsample
@@ -213,6 +214,7 @@ class HybridMIMSwinUNETR(HybridMIMNet):
             drop_rate=drop_rate,
             use_checkpoint=use_checkpoint,
             downsample=resolve_downsample(downsample) if isinstance(downsample, str) else downsample,
+            use_v2=use_v2,
         )
 
     def forward_encoder(self, x: torch.Tensor) -> list[torch.Tensor]:

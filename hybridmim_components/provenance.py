@@ -35,6 +35,7 @@ __all__ = [
     "read_provenance",
     "write_provenance",
     "make_record",
+    "runtime_versions",
     "window_intensity",
     "zscore_intensity",
     "compare_preprocessing",
@@ -95,6 +96,14 @@ def zscore_intensity(nonzero: bool = True, channel_wise: bool = True) -> dict:
     return {"kind": "zscore", "nonzero": bool(nonzero), "channel_wise": bool(channel_wise)}
 
 
+def runtime_versions() -> dict:
+    """``monai_version`` and ``torch_version`` of this process."""
+    import monai
+    import torch
+
+    return {"monai_version": monai.__version__, "torch_version": torch.__version__}
+
+
 def make_record(
     backbone: str,
     width,
@@ -115,9 +124,6 @@ def make_record(
         preprocessing: ``orientation``, ``spacing``, ``intensity`` (see :func:`window_intensity`), ``crop``.
         downsample: SwinUNETR patch-merging order (``"merging"``, ``"merging_legacy"``, ``"mergingv2"``).
     """
-    import monai
-    import torch
-
     unknown = sorted(set(preprocessing) - set(COMPARED))
     if unknown:
         raise ValueError(f"preprocessing has unknown fields {unknown}; expected some of {list(COMPARED)}.")
@@ -131,8 +137,7 @@ def make_record(
         "pool_size": pool_size,
         "steps_planned": steps_planned,
         "steps_done": None,
-        "monai_version": monai.__version__,
-        "torch_version": torch.__version__,
+        **runtime_versions(),
         "source": source,
         **extra,
     })
@@ -201,24 +206,20 @@ def compare_preprocessing(
 
 def record_from_layout(layout) -> dict | None:
     """The record of a public checkpoint layout (:class:`hybridmim_components.public_weights.Layout`): its
-    publishers' stated preprocessing and the patch-merging order it was trained with; ``None`` when the layout states
-    neither (a plain file of unknown origin)."""
-    pre = dict(getattr(layout, "preprocessing", None) or {})
-    merging = getattr(layout, "merging", None)
-    if not pre and merging is None:
+    publishers' stated preprocessing, architecture and the patch-merging order it was trained with. ``None`` for the
+    generic layout of files in MONAI's own names (``hybridmim_bundle``): their origin is unknown without a record
+    beside them."""
+    if getattr(layout, "name", None) == "hybridmim_bundle":
         return None
-    intensity = pre.get("intensity")
-    if intensity is None and pre.get("a_min") is not None and pre.get("a_max") is not None:
-        intensity = window_intensity(pre["a_min"], pre["a_max"], pre.get("b_min", 0.0), pre.get("b_max", 1.0),
-                                     pre.get("clip", True))
+    pre = dict(getattr(layout, "preprocessing", None) or {})
+    arch = dict(getattr(layout, "architecture", None) or {})
     return _plain({
         "format": PROVENANCE_FORMAT,
-        "backbone": pre.get("backbone", "SwinUNETR"),
-        "width": pre.get("feature_size"),
-        "in_channels": pre.get("in_channels"),
-        "downsample": merging,
-        "preprocessing": {"orientation": pre.get("orientation"), "spacing": pre.get("spacing"),
-                          "intensity": intensity, "crop": pre.get("crop", pre.get("roi_size"))},
+        "backbone": arch.get("backbone"),
+        "width": arch.get("feature_size"),
+        "in_channels": arch.get("in_channels"),
+        "downsample": getattr(layout, "merging", None),
+        "preprocessing": {k: pre.get(k) for k in COMPARED},
         "source": getattr(layout, "name", None),
         "url": getattr(layout, "url", None),
         "licence": getattr(layout, "licence", None),

@@ -128,6 +128,7 @@ class RegionReconstructionSwinUNETR(SwinUNETR):
         drop_rate: SwinUNETR dropout (no parameters; inactive in eval mode).
         region_size: reconstructed region (voxels), multiples of 16 (cropped after ``decoder5``, stride 16).
         downsample: patch-merging order (``"merging"``, ``"merging_legacy"``: MONAI's before 1.5, ``"mergingv2"``).
+        use_v2: SwinUNETR-v2 (a residual conv block before each Swin stage).
 
     ``forward(x)``: ``x`` ``B×C×D×H×W`` (sides multiples of 32) -> ``B×C×Rd×Rh×Rw``.
     """
@@ -139,11 +140,12 @@ class RegionReconstructionSwinUNETR(SwinUNETR):
         drop_rate: float = 0.1,
         region_size: int | Sequence[int] = (64, 64, 64),
         downsample: str | type = "merging",
+        use_v2: bool = False,
     ) -> None:
         from hybridmim_components.merging import resolve_downsample
 
         super().__init__(in_channels=in_channels, out_channels=in_channels, feature_size=feature_size,
-                         drop_rate=drop_rate,
+                         drop_rate=drop_rate, use_v2=use_v2,
                          downsample=resolve_downsample(downsample) if isinstance(downsample, str) else downsample)
         self.bottleneck_stride = 32  # patch embedding (2) and four patch mergings
         self.decoder_stride = 16  # cropped after decoder5

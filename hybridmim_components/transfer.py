@@ -264,10 +264,8 @@ def adapt_input_channels(weight: torch.Tensor, in_channels: int) -> torch.Tensor
 def _convert(checkpoint: Mapping):
     """``(layout, flat state dict, dropped names)`` of a raw checkpoint; files of no known layout are read as a plain
     (possibly wrapped/prefixed) state dict, which the coverage check below then judges."""
-    try:  # TEMPORARY until public_weights lands
-        from hybridmim_components import public_weights
-    except ImportError:
-        return None, extract_state_dict(checkpoint), []
+    from hybridmim_components import public_weights
+
     try:
         converted = public_weights.convert_checkpoint(checkpoint)
     except ValueError:
@@ -429,6 +427,17 @@ def load_pretrained_weights(
     }
     text = _format_report(report)
     failing = [n for n in missing if required(n)] + [m for m in mis_shaped if required(m.split()[0])]
+    # encoder tensors this network has no place for (e.g. SwinUNETR-v2's layers1c..4c): it would compute otherwise
+    foreign = [n for n in unexpected if n.startswith("swinViT.") and n in source]
+    if foreign:
+        v2 = any(n.startswith(("swinViT.layers1c.", "swinViT.layers2c.", "swinViT.layers3c.", "swinViT.layers4c."))
+                 for n in foreign)
+        raise PretrainedWeightsError(
+            f"{text}\n{len(foreign)} Swin encoder tensors of the file have no place in this network ("
+            f"{', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}): the encoder would compute something else."
+            + (" These are SwinUNETR-v2 weights: set use_v2 true (--use_v2 true)." if v2 else ""),
+            report,
+        )
     if failing:
         hint = ""
         if scope == "all" and kind is not None:

@@ -233,6 +233,15 @@ COVERAGE: List[Tuple[str, object]] = [
         f"{T_EXPERIMENTS}::test_label_efficiency_end_to_end_is_reproducible_and_resumes",
         "the small preset trains several bundles (minutes); the test runs it with fewer fractions and seeds",
         help=True)),
+    (rf"\.: {BUNDLE_RUN} --config_file bundles/hybridmim_swin_(btcv|pretrain)/configs/train\.json --dataset_dir \S+ "
+     r"--pretrained_path /weights/model_swinvit\.pt --pretrained_scope encoder --downsample merging_legacy",
+     covered_by(["tests/test_public_weights_cli.py::test_pretraining_warm_starts_from_each_public_swin_layout",
+                 "tests/test_public_weights_cli.py::test_import_weights_then_finetune_from_the_result"],
+                "needs the published file; the tests build files with its exact keys and run the bundles with them")),
+    (r"\.: python tools/weights/import_weights\.py /weights/model_swinvit\.pt --out \S+ --scope encoder",
+     covered_by("tests/test_public_weights_cli.py::test_import_weights_then_finetune_from_the_result",
+                "needs the published file; the test converts one with its exact keys and finetunes from the result",
+                help=True)),
     (r"\.: python -m tools\.experiments\.(loss_ablation|settings) --small", covered_by(
         f"{T_EXPERIMENTS}::test_loss_ablation_and_settings_end_to_end",
         "the small preset trains a bundle per row (minutes); the test runs it with two rows / two settings",

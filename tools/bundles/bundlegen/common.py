@@ -146,6 +146,7 @@ DDP_FINALIZE = ["$import hybridmim_components.distributed",
 # SwinUNETR patch-merging order: "merging" (MONAI >= 1.5), "merging_legacy" (MONAI <= 1.4, what public checkpoints
 # were trained with), "mergingv2"
 DOWNSAMPLE = "merging"
+USE_V2 = False  # SwinUNETR-v2 (residual conv block per stage): true for VoCo weights
 DOWNSAMPLE_REF = "$hybridmim_components.resolve_downsample(@downsample)"
 PRETRAINED_KEYS = {
     # "all": everything but the last layer must load; "encoder": the encoder must load, the decoder starts fresh
@@ -169,3 +170,33 @@ def load_pretrained_call(network: str) -> str:
     return ("$hybridmim_components.load_pretrained_weights(" + network + ", @pretrained_path, "
             "scope=@pretrained_scope, adapt_in_channels=@adapt_in_channels, "
             "expected_preprocessing=@preprocessing_record, strict_preprocessing=@strict_preprocessing)")
+
+
+def public_weights_section(swin: bool, pretraining: bool) -> str:
+    """Bundle README paragraph on the keys that start a bundle from other weights (both families)."""
+    target = "the backbone before pretraining continues (the heads start fresh)" if pretraining else "the network"
+    text = f"""
+### Starting from other weights
+
+`pretrained_path` loads {target}; besides this collection's files it takes the public checkpoints that
+`hybridmim_components.public_weights` recognises from their keys (Tang et al.'s `model_swinvit.pt`, the model zoo's
+`swin_unetr_btcv_segmentation`, VoCo, SuPreM, Disruptive Autoencoders, the HybridMIM authors' layout). The log names
+the layout and the counts loaded / missing / unexpected / mis-shaped. The keys:
+
+| key | default | meaning |
+|---|---|---|
+| `pretrained_scope` | `"all"` | `"all"`: everything but the last layer must load; `"encoder"`: the encoder must load (the decoder starts fresh, logged); a file that covers less stops, naming this key |
+| `adapt_in_channels` | `false` | `true` fits the input layers of weights with C0 input channels to this bundle's C (mean kernel repeated C times, scaled by C0/C: equal input channels give the original activations) |
+| `strict_preprocessing` | `false` | the weights' provenance record (`models/model.provenance.json`, or the published preprocessing of a public layout) is compared with `preprocessing_record`; each difference is a warning, `true` makes it stop |
+"""
+    if swin:
+        text += """| `downsample` | `"merging"` | SwinUNETR patch merging: `"merging_legacy"` is MONAI's order before 1.5, which every public SwinUNETR checkpoint was trained with; weights whose recorded order differs stop the run, naming this key |
+| `use_v2` | `false` | SwinUNETR-v2 (VoCo's weights) |
+"""
+    if pretraining:
+        text += """
+A run writes `models/model.provenance.json` beside `models/model.pt`: backbone, width, input channels, merging
+order, spacing, orientation, intensity window, crop, pool size, steps, MONAI and torch versions. `pack_bundle.py`
+packs it with the weights; the finetune bundles check it.
+"""
+    return text

@@ -10,9 +10,9 @@ from __future__ import annotations
 import copy
 
 from tools.bundles.bundlegen.common import (WORKFLOW, ADAMW, ATTACH_RANDOM_STATES, DDP_DEVICE, DDP_FINALIZE, DDP_NETWORK,
-                                            DOWNSAMPLE, DOWNSAMPLE_REF, PRETRAINED_KEYS, RANDOM_STATES,
+                                            DOWNSAMPLE, DOWNSAMPLE_REF, PRETRAINED_KEYS, USE_V2, RANDOM_STATES,
                                             RESUME_GUARANTEE, SAVER, load_pretrained_call, location_keys,
-                                            metadata_header, preprocessing_record)
+                                            metadata_header, preprocessing_record, public_weights_section)
 from tools.bundles.bundlegen.figures import performance_section
 from tools.bundles.bundlegen.onnx import onnx_files, readme_section as onnx_readme_section
 
@@ -240,6 +240,7 @@ def _network_def(backbone: str, task: str, inference: bool = False) -> dict:
             "drop_rate": 0.0,
             "use_checkpoint": False if inference else "@use_checkpoint",
             "downsample": DOWNSAMPLE_REF,
+            "use_v2": "@use_v2",
         }
     return {
         "_target_": "monai.networks.nets.BasicUNet",
@@ -463,6 +464,7 @@ def train_config(backbone: str, task: str) -> dict:
     cfg[b["width_key"]] = b["width"]
     if backbone == "swin":
         cfg["downsample"] = DOWNSAMPLE  # patch-merging order; "merging_legacy" for weights trained on MONAI <= 1.4
+        cfg["use_v2"] = USE_V2
     if backbone == "swin":
         cfg["use_checkpoint"] = True
     # this bundle's preprocessing, compared with the record the pretrained weights come with
@@ -738,6 +740,7 @@ def inference_config(backbone: str, task: str) -> dict:
     cfg[b["width_key"]] = b["width"]
     if backbone == "swin":
         cfg["downsample"] = DOWNSAMPLE  # patch-merging order; "merging_legacy" for weights trained on MONAI <= 1.4
+        cfg["use_v2"] = USE_V2
     post = [{"_target_": "Activationsd", "keys": "pred", **({"sigmoid": True} if t["sigmoid"] else {"softmax": True})},
             {"_target_": "Invertd", "keys": "pred", "transform": "@preprocessing", "orig_keys": "image",
              "nearest_interp": False, "to_tensor": True}]
@@ -937,7 +940,7 @@ folder its `models/model.pt` is loaded, after checking it against the SHA-256 th
 (a mismatch stops the run, naming the file and both hashes). The weight loader logs what it loaded and stops with a
 report if anything but the last layer does not fit (wrong backbone, width or input channels), instead of silently
 training from random weights.
-
+{public_weights_section(backbone == 'swin', pretraining=False)}
 Network: `monai.networks.nets.{'SwinUNETR' if backbone == 'swin' else 'BasicUNet'}`, {width}, {t['in_channels']}
 input channel(s), {n} output channels{' (sigmoid)' if t['sigmoid'] else ' (softmax)'}.
 

@@ -16,9 +16,9 @@ import copy
 from dataclasses import dataclass
 
 from tools.bundles.bundlegen.common import (WORKFLOW, ADAMW, ATTACH_RANDOM_STATES, DDP_DEVICE, DDP_FINALIZE, DDP_NETWORK,
-                                            DOWNSAMPLE, PRETRAINED_KEYS, RANDOM_STATES, RESUME_GUARANTEE, SAVER,
+                                            DOWNSAMPLE, PRETRAINED_KEYS, USE_V2, RANDOM_STATES, RESUME_GUARANTEE, SAVER,
                                             load_pretrained_call, location_keys, metadata_header,
-                                            preprocessing_record)
+                                            preprocessing_record, public_weights_section)
 from tools.bundles.bundlegen.figures import performance_section
 from tools.bundles.bundlegen import pool
 
@@ -84,7 +84,7 @@ SPECS = [
 # --- shared config pieces -----------------------------------------------------------------------------------------
 def _head(spec: Spec) -> dict:
     """Top of every config: paths, device, the method's hyper-parameters and the network."""
-    width = ({"feature_size": 48, "downsample": DOWNSAMPLE} if spec.backbone == "swin"
+    width = ({"feature_size": 48, "downsample": DOWNSAMPLE, "use_v2": USE_V2} if spec.backbone == "swin"
              else {"features": [32, 32, 64, 128, 256, 32]})
     if spec.backbone == "swin":
         network_def = {
@@ -96,6 +96,7 @@ def _head(spec: Spec) -> dict:
             "region_size": "@region_size",
             "use_checkpoint": False,
             "downsample": "@downsample",
+            "use_v2": "@use_v2",
         }
     else:
         network_def = {
@@ -515,6 +516,7 @@ def _inference_config(spec: Spec, train: dict) -> dict:
             "drop_rate": 0.1,
             "region_size": "@region_size",
             "downsample": "@downsample",
+            "use_v2": "@use_v2",
         }
     else:
         head["network_def"] = {
@@ -841,7 +843,7 @@ python -m monai.bundle run --config_file configs/train.json --dataset_dir /path/
 ```
 
 The finetuning bundles refuse to start when anything but the last layer is missing or mis-shaped.
-
+{public_weights_section(spec.backbone == "swin", pretraining=True)}
 ## References
 
 - Xing, Z., Zhu, L., Yu, L., Xing, Z., Wan, L. Hybrid Masked Image Modeling for 3D Medical Image Segmentation. IEEE
