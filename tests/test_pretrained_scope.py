@@ -173,3 +173,22 @@ def test_provenance_recorder_records_the_step_at_which_the_weights_were_saved(tm
     written = json.loads(open(provenance_path(weights)).read())
     assert written["steps_done"] == 4 and written["steps_planned"] == 6 and written["pool_size"] == 3
     assert written["monai_version"] and written["preprocessing"]["spacing"] == [1.5, 1.5, 2.0]
+
+
+def test_tang_file_loads_as_monai_load_from_reads_it(tmp_path):
+    from test_public_weights import tang_swinvit_file
+
+    raw = tang_swinvit_file(swin(seed=1).state_dict())
+    path = save(raw, tmp_path / "model_swinvit.pt")
+    monais = swin(seed=2)
+    ours = swin(seed=2, downsample=LegacyPatchMerging)  # the file is pre-1.5: the loader insists on the old order
+    report = load_pretrained_weights(ours, path, scope="encoder")
+    assert report["layout"].startswith("SwinUNETR self-supervised Swin encoder")
+    assert sorted(report["unexpected"]) == ["norm.bias", "norm.weight"]  # Tang's final LayerNorm: no counterpart
+    monais.load_from(raw)
+    theirs = dict(monais.named_parameters())
+    for name, value in ours.named_parameters():
+        if name.startswith("swinViT."):
+            assert torch.equal(value, theirs[name]), name
+    with pytest.raises(PretrainedWeightsError, match="--downsample merging_legacy"):
+        load_pretrained_weights(swin(), path, scope="encoder")

@@ -84,6 +84,13 @@ def test_pretraining_warm_starts_from_each_public_swin_layout(layout, ct_pool, t
     assert report and int(report.group(1)) > 0, text[-3000:]
     if extra.get("pretrained_scope") == "encoder":
         assert "pretrained_scope 'encoder'" in text and "starts from random weights" in text
+    record = read_provenance(tmp_path / "bundle" / "models" / "model.pt")
+    assert record["downsample"] == "merging_legacy" and record["source"] == "hybridmim_swin_pretrain"
+    if layout == "tang_ssl_swinvit":  # a warm-started run resumes from its own checkpoint, not from the file again
+        overrides.update({"resume": True, "train#trainer#max_epochs": 2})
+        text = assert_ok(run_cli("run", "--config_file", f"{bundle}/configs/train.json", *cli_args(overrides)),
+                         "resume")
+        assert "resuming from full checkpoint" in text and "(iteration 1)" in text
     # the recorded merging order of a pre-1.5 file is enforced: without --downsample merging_legacy it stops
     if layout == "model_zoo_swin_unetr_btcv":
         overrides.pop("downsample")
@@ -123,6 +130,10 @@ def test_brats_finetune_starts_from_a_ct_pretraining(brats, tmp_path):
     assert "intensity: weights" in text
     model = torch.load(tmp_path / "run" / "models" / "model.pt", map_location="cpu", weights_only=True)
     assert model["conv_0.conv_0.conv.weight"].shape[1] == 4
+    # the finetuned model carries its own record (it may seed another finetune)
+    record = read_provenance(tmp_path / "run" / "models" / "model.pt")
+    assert record["source"] == "hybridmim_unet_brats" and record["in_channels"] == 4
+    assert record["preprocessing"]["intensity"]["kind"] == "zscore" and record["steps_done"] >= 1
 
 
 @pytest.mark.slow

@@ -200,3 +200,27 @@ order, spacing, orientation, intensity window, crop, pool size, steps, MONAI and
 packs it with the weights; the finetune bundles check it.
 """
     return text
+
+
+def provenance_recorder(backbone: str, swin: bool, in_channels, source: str, pool_size=None,
+                        steps_planned=None) -> dict:
+    """`train#provenance`: writes models/model.provenance.json whenever models/model.pt is saved (what the weights
+    were trained with: preprocessing, backbone, merging order, versions; `hybridmim_components.provenance`)."""
+    return {
+        "_target_": "hybridmim_components.provenance.ProvenanceRecorder",
+        "weights_path": "$@ckpt_dir + '/model.pt'",
+        "record": {
+            "_target_": "hybridmim_components.provenance.make_record",
+            "backbone": backbone,
+            "width": "@feature_size" if swin else "@features",
+            "in_channels": in_channels,
+            "preprocessing": "@preprocessing_record",
+            "downsample": "@downsample" if swin else None,
+            "pool_size": pool_size,
+            "steps_planned": steps_planned,
+            "source": source,
+        },
+    }
+
+
+ATTACH_PROVENANCE = "$@train#provenance.attach(@train#trainer)"

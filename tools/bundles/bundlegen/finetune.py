@@ -12,7 +12,8 @@ import copy
 from tools.bundles.bundlegen.common import (WORKFLOW, ADAMW, ATTACH_RANDOM_STATES, DDP_DEVICE, DDP_FINALIZE, DDP_NETWORK,
                                             DOWNSAMPLE, DOWNSAMPLE_REF, PRETRAINED_KEYS, USE_V2, RANDOM_STATES,
                                             RESUME_GUARANTEE, SAVER, load_pretrained_call, location_keys,
-                                            metadata_header, preprocessing_record, public_weights_section)
+                                            metadata_header, preprocessing_record, provenance_recorder,
+                                            public_weights_section, ATTACH_PROVENANCE)
 from tools.bundles.bundlegen.figures import performance_section
 from tools.bundles.bundlegen.onnx import onnx_files, readme_section as onnx_readme_section
 
@@ -619,6 +620,10 @@ def train_config(backbone: str, task: str) -> dict:
     # `initialize`: it references the trainer's optimizer)
     cfg["train"]["nonfinite_guard"] = {"_target_": "hybridmim_components.workflow.NonFiniteLossGuard",
                                        "max_nonfinite_steps": "@max_nonfinite_steps"}
+    # models/model.provenance.json beside the best model: what it was trained with (it may seed another finetune)
+    cfg["train"]["provenance"] = provenance_recorder(
+        "SwinUNETR" if backbone == "swin" else "BasicUNet", backbone == "swin", "@network_def#in_channels",
+        bundle_name(backbone, task))
     cfg["initialize"] = [
         # seeded first: the network is built (lazily) by the first entry that references it
         "$monai.utils.set_determinism(seed=@seed)",
@@ -628,6 +633,7 @@ def train_config(backbone: str, task: str) -> dict:
         # the loader logs its report and stops on weights that do not fit
         load_pretrained_call("@network_def"),
         ATTACH_RANDOM_STATES,
+        ATTACH_PROVENANCE,
         "$@train#checkpoint_saver.attach(@train#trainer)",
         "$@train#checkpoint_loader.attach(@train#trainer)",
         "$@train#nonfinite_guard.attach(@train#trainer)",
@@ -715,6 +721,7 @@ def multi_gpu_config(backbone: str, task: str) -> dict:
             *_data_check_initialize(task),
             load_pretrained_call("@network_def"),
             ATTACH_RANDOM_STATES,
+            ATTACH_PROVENANCE,
             "$@train#checkpoint_saver.attach(@train#trainer) if dist.get_rank() == 0 else None",
             "$@train#checkpoint_loader.attach(@train#trainer)",
             "$@train#nonfinite_guard.attach(@train#trainer)",

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from tools.bundles.bundlegen.common import (WORKFLOW, ADAMW, ATTACH_RANDOM_STATES, DDP_DEVICE, DDP_FINALIZE, DDP_NETWORK,
                                             DOWNSAMPLE, PRETRAINED_KEYS, USE_V2, RANDOM_STATES, RESUME_GUARANTEE, SAVER,
                                             load_pretrained_call, location_keys, metadata_header,
-                                            preprocessing_record, public_weights_section)
+                                            preprocessing_record, provenance_recorder, public_weights_section,
+                                            ATTACH_PROVENANCE)
 from tools.bundles.bundlegen.figures import performance_section
 from tools.bundles.bundlegen import pool
 
@@ -405,21 +406,11 @@ def _validation_handlers() -> list:
 
 
 def _provenance_recorder(spec: Spec) -> dict:
-    return {
-        "_target_": "hybridmim_components.provenance.ProvenanceRecorder",
-        "weights_path": "$@ckpt_dir + '/model.pt'",
-        "record": {
-            "_target_": "hybridmim_components.provenance.make_record",
-            "backbone": spec.backbone_name,
-            "width": "@feature_size" if spec.backbone == "swin" else "@features",
-            "in_channels": "@in_channels",
-            "preprocessing": "@preprocessing_record",
-            "downsample": "@downsample" if spec.backbone == "swin" else None,
-            "pool_size": "$len(load_datalist(@dataset_dir, @data_list_file_path, 'training'))",
-            "steps_planned": "$@steps_per_epoch * @train#trainer#max_epochs",
-            "source": spec.name,
-        },
-    }
+    return provenance_recorder(
+        spec.backbone_name, spec.backbone == "swin", "@in_channels", spec.name,
+        pool_size="$len(load_datalist(@dataset_dir, @data_list_file_path, 'training'))",
+        steps_planned="$@steps_per_epoch * @train#trainer#max_epochs",
+    )
 
 
 def _train_initialize(seed: str = "@seed", saver_condition: str = "") -> list:
@@ -439,7 +430,7 @@ def _train_initialize(seed: str = "@seed", saver_condition: str = "") -> list:
         # warm start of the backbone (pretrained_path null: from scratch); a resumed run then loads its checkpoint
         load_pretrained_call("@network_def.backbone"),
         ATTACH_RANDOM_STATES,
-        "$@train#provenance.attach(@train#trainer)",
+        ATTACH_PROVENANCE,
         saver,
         "$@train#checkpoint_loader.attach(@train#trainer)",
         "$@train#nonfinite_guard.attach(@train#trainer)",
