@@ -8,7 +8,8 @@ both "nodes" on 127.0.0.1. Checked against hand computations on the concatenated
   embeddings (``tests/multinode_worker.py``);
 - the training shards of the pretraining bundle's ``multi_gpu_train.json`` (``partition_for_rank``) are disjoint and
   cover the pool (with an odd pool, exactly the padding ``even_divisible`` adds is repeated);
-- slow: the pretraining bundle itself trains two steps with ``multi_gpu_train.json`` as 2 nodes.
+- slow: the pretraining bundle itself trains two steps with ``multi_gpu_train.json`` as 2 nodes, started by the
+  SLURM script ``tools/slurm/pretrain.sbatch`` (``srun``/``scontrol`` replaced by stand-ins that start both nodes here).
 """
 from __future__ import annotations
 
@@ -146,25 +147,95 @@ def test_two_nodes_gather_negatives_and_shard_the_pool(tmp_path, pool_size):
     assert shards[0] != sorted(shards[0]) or shards[1] != sorted(shards[1]), "shuffle=True: the order is permuted"
 
 
+FAKE_SRUN = """#!/bin/bash
+# srun stand-in: drop srun's options, start the command once per node (SLURM_NNODES) and wait for all, as srun does
+while [[ "$1" == --* ]]; do shift; done
+pids=()
+for i in $(seq 0 $((SLURM_NNODES - 1))); do SLURM_NODEID=$i SLURM_PROCID=$i SLURM_LOCALID=0 "$@" & pids+=($!); done
+rc=0
+for p in "${pids[@]}"; do wait "$p" || rc=$?; done
+exit $rc
+"""
+FAKE_SCONTROL = """#!/bin/bash
+# scontrol stand-in: `scontrol show hostnames NODELIST` prints one host per line; both "nodes" are this machine
+for _ in $(seq "$SLURM_NNODES"); do echo 127.0.0.1; done
+"""
+
+
+def _fake_slurm(bin_dir) -> None:
+    bin_dir.mkdir()
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+
+
 @pytest.mark.slow
-def test_pretrain_bundle_trains_as_two_nodes(tmp_path):
-    """``multi_gpu_train.json`` of a pretraining bundle, 2 nodes × 1 process, two tiny steps: rank 0 saves."""
+def test_pretrain_bundle_trains_as_two_nodes_through_the_slurm_script(tmp_path):
+    """``tools/slurm/pretrain.sbatch`` as SLURM runs it on 2 nodes (srun and scontrol replaced by stand-ins that start
+    both "nodes" here): the pretraining bundle's ``multi_gpu_train.json``, 2 nodes × 1 process, two tiny steps."""
     from test_pretrain_bundles import SHAPE, TRAIN_SMALL, WIDTH
 
     from tools.data.make_demo_data import make_unlabeled_ct_pool
 
     datalist = make_unlabeled_ct_pool(str(tmp_path / "ct"), n_train=2, n_val=2, n_test=1)
-    bundle = os.path.join(REPO_ROOT, "bundles", "hybridmim_unet_pretrain")
+    _fake_slurm(tmp_path / "bin")
     ckpt_dir = tmp_path / "models"
-    program = ["-m", "monai.bundle", "run", "--config_file", "['configs/train.json','configs/multi_gpu_train.json']",
-               "--meta_file", "configs/metadata.json", "--logging_file", "configs/logging.conf",
-               "--bundle_root", bundle, "--dataset_dir", os.path.dirname(datalist), "--data_list_file_path", datalist,
-               *WIDTH["unet"], *SHAPE, *TRAIN_SMALL, "--ckpt_dir", str(ckpt_dir),
-               "--output_dir", str(tmp_path / "eval")]
-    outputs = torchrun_nodes(program, cwd=bundle)
-    log = "\n".join(outputs)
+    env = dict(_env(), PATH=f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}", SLURM_NNODES=str(NODES),
+               SLURM_JOB_NODELIST="node[0-1]", SLURM_JOB_ID=f"test{_free_port()}", GPUS_PER_NODE="1",
+               RDZV_PORT=str(_free_port()), PYTHON=sys.executable)
+    args = ["bash", os.path.join(REPO_ROOT, "tools", "slurm", "pretrain.sbatch"), "bundles/hybridmim_unet_pretrain",
+            os.path.dirname(datalist), "--data_list_file_path", datalist,
+            "--meta_file", "configs/metadata.json", "--logging_file", "configs/logging.conf",
+            *WIDTH["unet"], *SHAPE, *TRAIN_SMALL, "--ckpt_dir", str(ckpt_dir), "--output_dir", str(tmp_path / "eval")]
+    proc = subprocess.run(args, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"the SLURM script failed (exit {proc.returncode}):\n{log[-6000:]}"
+    assert "on 2 nodes x 1 processes, rendezvous 127.0.0.1:" in log
     assert log.count("Metrics -- ") == 1, "validation metrics must be logged by rank 0 only"
-    assert "Epoch[1] Complete" in log
+    assert log.count("Epoch[1] Complete") >= 1
     full = torch.load(str(ckpt_dir / "checkpoint_final.pt"), map_location="cpu", weights_only=True)
     assert int(full["trainer"]["iteration"]) == 2
     assert (ckpt_dir / "model.pt").is_file()
+
+
+FAKE_PYTHON = """#!/bin/bash
+# python stand-in: record the arguments and the environment torchrun would get
+{ printf '%s\\n' "$@"; echo ---; env; } > "$RECORD.$SLURM_NODEID"
+"""
+
+
+def test_slurm_script_starts_one_torchrun_per_node_without_slurm_job_id(tmp_path):
+    """What each node's torchrun gets: the c10d rendezvous on the first node, the job id as rendezvous id, the
+    bundle's two configs; and no ``SLURM_JOB_ID``, with which ignite would set every process's LOCAL_RANK to
+    srun's SLURM_LOCALID (0 on every process of a node, so all would use cuda:0)."""
+    _fake_slurm(tmp_path / "bin")
+    (tmp_path / "bin" / "python").write_text(FAKE_PYTHON)
+    (tmp_path / "bin" / "python").chmod(0o755)
+    (tmp_path / "bin" / "scontrol").write_text("#!/bin/bash\nprintf 'gpu-node-%s\\n' 17 18\n")
+    env = dict(os.environ, PATH=f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}", SLURM_NNODES="2",
+               SLURM_JOB_NODELIST="gpu-node-[17-18]", SLURM_JOB_ID="4242", SLURM_JOBID="4242", SLURM_GPUS_ON_NODE="4",
+               PYTHON=str(tmp_path / "bin" / "python"), RECORD=str(tmp_path / "record"))
+    proc = subprocess.run(["bash", os.path.join(REPO_ROOT, "tools", "slurm", "pretrain.sbatch"),
+                           "bundles/hybridmim_unet_pretrain", "/data/pool", "--resume", "true"], cwd=REPO_ROOT,
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for node in range(2):
+        args, _, environment = (tmp_path / f"record.{node}").read_text().partition("---\n")
+        assert args.split("\n")[:-1] == [
+            "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "4", "--rdzv_backend", "c10d",
+            "--rdzv_endpoint", "gpu-node-17:29500", "--rdzv_id", "4242", "--max_restarts", "0",
+            "-m", "monai.bundle", "run", "--config_file", "['configs/train.json','configs/multi_gpu_train.json']",
+            "--dataset_dir", "/data/pool", "--resume", "true"]
+        variables = dict(line.split("=", 1) for line in environment.splitlines() if "=" in line)
+        assert "SLURM_JOB_ID" not in variables and "SLURM_JOBID" not in variables
+        assert variables["PWD"].endswith("bundles/hybridmim_unet_pretrain")
+
+
+def test_slurm_script_refuses_a_folder_that_is_no_bundle(tmp_path):
+    _fake_slurm(tmp_path / "bin")
+    env = dict(os.environ, PATH=f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}", SLURM_NNODES="2",
+               SLURM_JOB_NODELIST="n[0-1]", SLURM_JOB_ID="1")
+    proc = subprocess.run(["bash", os.path.join(REPO_ROOT, "tools", "slurm", "pretrain.sbatch"),
+                           "bundles/no_such_bundle", "/data"], cwd=REPO_ROOT, env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2 and "no bundles/no_such_bundle/configs/multi_gpu_train.json" in proc.stderr
