@@ -80,7 +80,9 @@ def machine(device: torch.device) -> dict:
         props = torch.cuda.get_device_properties(device)
         info.update(gpu=torch.cuda.get_device_name(device), gpu_memory_gib=round(props.total_memory / 2**30, 1),
                     compute_capability=f"{props.major}.{props.minor}", cuda=torch.version.cuda,
-                    cudnn=torch.backends.cudnn.version(), gpu_count=torch.cuda.device_count())
+                    cudnn=torch.backends.cudnn.version(), gpu_count=torch.cuda.device_count(),
+                    # what "fp32" means here: PyTorch's defaults (TF32 convolutions, full-fp32 matmuls) unless changed
+                    tf32_matmul=torch.backends.cuda.matmul.allow_tf32, tf32_cudnn=torch.backends.cudnn.allow_tf32)
     else:
         info["gpu"] = None
     return info
@@ -246,6 +248,10 @@ def markdown(result: dict) -> str:
     lines = [f"# GPU check: {where}", "",
              f"`{result['command']}`, {result['started']} UTC, torch {m['torch']}, MONAI {m.get('monai')}"
              + (f", CUDA {m['cuda']}, {m['gpu_memory_gib']} GiB" if m["gpu"] else "") + ".", ""]
+    if m["gpu"]:
+        lines += [f"fp32 = autocast off, PyTorch's TF32 settings: convolutions {m['tf32_cudnn']}, matmuls "
+                  f"{m['tf32_matmul']}. fp16 with a GradScaler, bf16 without. The batch stays on the GPU (no loading).",
+                  ""]
     if result["tiny"]:
         lines += [f"**Tiny settings** ({result['tiny_reason']}): widths and crops shrunk, the figures check the "
                   "command, they say nothing about the paper's settings.", ""]
