@@ -6,7 +6,8 @@ contrastive views), the batch from its own random transforms (``train#random_tra
 ``HierarchicalMaskd``) and ``PrepareMIMBatch``. One training step (forward, loss, backward) then runs under
 
 - ``torch.utils.flop_counter.FlopCounterMode``: FLOPs of the matrix products and convolutions, forward and backward
-  (elementwise ops, norms and the optimizer are not counted; they are a few % of a convolutional step);
+  (elementwise ops, norms and the optimizer are not counted: a few % of the FLOPs, though memory-bound, so not of
+  the time);
 - ``torch.autograd.graph.saved_tensors_hooks``: the bytes of the distinct storages autograd keeps for backward, the
   activation memory of the step (parameters, also saved by some ops, counted apart).
 
