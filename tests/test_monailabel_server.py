@@ -1,0 +1,219 @@
+"""The finetune bundles served by a real MONAI Label server (its own ``monaibundle`` sample app), over HTTP.
+
+Needs MONAI Label 0.8.5 (``tools/monailabel/requirements.txt``; CI installs it in a side environment, once with MONAI
+1.5.1 and once with 1.6.1); skipped where ``monailabel`` is not importable. Three bundles are trained tiny for one epoch
+through their own ``train.json`` (MONAI CLI) inside the app's model folder: a UNet (MSD spleen, 2 classes), a SwinUNETR
+(BTCV, 14 classes) and a UNet BraTS bundle (4 MRI channels given as one 4-channel NIfTI, as the bundle README says).
+One server (``--conf zoo_source local``, 127.0.0.1, a free port) serves all three; ``POST /infer/<bundle>`` returns a
+label map that must have the input's shape and affine, only the bundle's label values, and equal the label map the
+bundle's own ``inference.json`` writes for the same image through the MONAI CLI.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+
+pytest.importorskip("monailabel", reason="MONAI Label is not installed (tools/monailabel/requirements.txt)")
+
+from tools.bundles.bundlegen.finetune import TASKS, bundle_name  # noqa: E402
+from tools.data.make_demo_data import BRATS_MODALITIES, make_brats_dataset, make_ct_dataset  # noqa: E402
+
+pytestmark = [pytest.mark.monailabel, pytest.mark.slow]
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+START_SERVER = os.path.join(REPO_ROOT, "tools", "monailabel", "start_server.py")
+SERVED = [("unet", "msd_spleen"), ("swin", "btcv"), ("unet", "brats")]
+NUM_CLASSES = {"btcv": 14, "msd_spleen": 2}
+# tiny settings written into each served copy's inference.json (the defaults are the paper's GPU scale)
+TINY = {
+    "unet": {"features": [4, 4, 8, 8, 16, 4], "roi_size": [32, 32, 32]},
+    "swin": {"feature_size": 12, "roi_size": [64, 64, 64]},
+}
+# a served CT off the bundles' 1.5 x 1.5 x 2 mm grid, so that Spacingd resamples and Invertd has to undo it
+SERVED_CT_SPACING = (1.2, 1.0, 2.5)
+SERVER_START_S = 180
+INFER_TIMEOUT_S = 300
+
+
+def _env() -> dict:
+    return dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=REPO_ROOT)
+
+
+def _run(args: list[str], what: str, cwd: str = REPO_ROOT, timeout: int = 600) -> str:
+    proc = subprocess.run(args, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"{what} failed (exit {proc.returncode}):\n{text[-6000:]}"
+    return text
+
+
+def _cli(overrides: dict) -> list[str]:
+    args = []
+    for key, value in overrides.items():
+        args += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
+    return args
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stack_brats(case_dir: str, case: str, out: str) -> None:
+    """The four BraTS sequences of one case as one 4-channel NIfTI ``(H, W, D, 4)``, in the order T1, T1ce, T2,
+    FLAIR (the bundle's channel order), with the sequences' affine."""
+    import nibabel as nib
+
+    images = [nib.load(os.path.join(case_dir, f"{case}_{m}.nii.gz")) for m in BRATS_MODALITIES]
+    stacked = np.stack([np.asarray(i.dataobj, dtype=np.float32) for i in images], axis=-1)
+    nib.save(nib.Nifti1Image(stacked, images[0].affine), out)
+
+
+def _train_tiny_copy(backbone: str, task: str, model_dir: str, data_dir: str) -> str:
+    """Copy the bundle into the app's model folder, shrink its inference.json, train one epoch with train.json."""
+    name = bundle_name(backbone, task)
+    root = os.path.join(model_dir, name)
+    shutil.copytree(os.path.join(REPO_ROOT, "bundles", name), root)
+    inference = os.path.join(root, "configs", "inference.json")
+    with open(inference) as f:
+        cfg = json.load(f)
+    cfg.update(TINY[backbone], amp=False)
+    with open(inference, "w") as f:
+        json.dump(cfg, f, indent=4)
+    if task == "brats":
+        datalist = make_brats_dataset(os.path.join(data_dir, name))
+    else:
+        datalist = make_ct_dataset(os.path.join(data_dir, name), num_classes=NUM_CLASSES[task])
+    overrides = {
+        "bundle_root": root, "dataset_dir": os.path.dirname(datalist), "data_list_file_path": datalist,
+        "pretrained_path": "", "amp": False, "num_samples": 1, "cache_rate": 0, "val_interval": 1,
+        "train#dataloader#num_workers": 0, "train#trainer#max_epochs": 1, **TINY[backbone],
+    }
+    if backbone == "swin":
+        overrides["use_checkpoint"] = False
+    _run([sys.executable, "-m", "monai.bundle", "run", "--config_file", os.path.join(root, "configs", "train.json"),
+          *_cli(overrides)], f"training {name}")
+    assert os.path.isfile(os.path.join(root, "models", "model.pt"))
+    return root
+
+
+def _cli_inference(root: str, image: str, out_dir: str) -> str:
+    """The label map the bundle's own inference.json writes for ``image`` (MONAI CLI)."""
+    datalist = os.path.join(out_dir, "datalist.json")
+    os.makedirs(out_dir, exist_ok=True)
+    with open(datalist, "w") as f:
+        json.dump({"testing": [{"image": image}]}, f)
+    _run([sys.executable, "-m", "monai.bundle", "run", "--config_file", os.path.join(root, "configs", "inference.json"),
+          *_cli({"bundle_root": root, "dataset_dir": out_dir, "data_list_file_path": datalist,
+                 "output_dir": out_dir, "dataloader#num_workers": 0})], f"CLI inference of {root}")
+    stem = os.path.basename(image)[: -len(".nii.gz")]
+    return os.path.join(out_dir, f"{stem}_seg.nii.gz")
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """A running MONAI Label server with the three tiny bundles; yields its URL and paths; stopped at teardown."""
+    work = tmp_path_factory.mktemp("monailabel")
+    apps, studies, data = str(work / "apps"), str(work / "studies"), str(work / "data")
+    # the sample app shipped in the MONAI Label wheel (copied from the installed package: no download)
+    _run([sys.executable, START_SERVER, "apps", "--download", "--name", "monaibundle", "--output", apps],
+         "monailabel apps --download")
+    app = os.path.join(apps, "monaibundle")
+    model_dir = os.path.join(app, "model")
+    os.makedirs(model_dir, exist_ok=True)
+    roots = {bundle_name(b, t): _train_tiny_copy(b, t, model_dir, data) for b, t in SERVED}
+
+    os.makedirs(studies)
+    ct_list = make_ct_dataset(os.path.join(data, "served_ct"), num_classes=2, shape=(40, 44, 36),
+                              spacing=SERVED_CT_SPACING, n_train=1, n_val=1, n_test=1, seed=7)
+    with open(ct_list) as f:
+        ct_image = json.load(f)["testing"][0]["image"]
+    shutil.copy(os.path.join(os.path.dirname(ct_list), ct_image), os.path.join(studies, "served_ct.nii.gz"))
+    brats_list = make_brats_dataset(os.path.join(data, "served_brats"), n_train=1, n_val=1, n_test=1, seed=7)
+    with open(brats_list) as f:
+        first = json.load(f)["testing"][0]["image"][0]
+    case = os.path.basename(os.path.dirname(first))
+    _stack_brats(os.path.join(os.path.dirname(brats_list), case), case, os.path.join(studies, "served_brats.nii.gz"))
+
+    port = _free_port()
+    log_path = str(work / "server.log")
+    log = open(log_path, "w")
+    proc = subprocess.Popen(
+        [sys.executable, START_SERVER, "start_server", "--app", app, "--studies", studies,
+         "--conf", "models", ",".join(roots), "--conf", "zoo_source", "local", "--conf", "sam2", "false",
+         "--conf", "skip_trainers", "true", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=str(work), env=_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + SERVER_START_S
+        while True:
+            assert proc.poll() is None, f"the server exited ({proc.returncode}):\n{open(log_path).read()[-6000:]}"
+            try:
+                with urllib.request.urlopen(f"{url}/info/", timeout=5) as r:
+                    info = json.load(r)
+                break
+            except (urllib.error.URLError, ConnectionError):
+                assert time.monotonic() < deadline, f"no answer in {SERVER_START_S} s:\n{open(log_path).read()[-6000:]}"
+                time.sleep(1)
+        yield {"url": url, "info": info, "roots": roots, "studies": studies, "work": str(work), "log": log_path}
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+
+
+def _infer(served: dict, model: str, image_id: str, out: str) -> str:
+    request = urllib.request.Request(f"{served['url']}/infer/{model}?image={image_id}&output=image", data=b"",
+                                     method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=INFER_TIMEOUT_S) as r, open(out, "wb") as f:
+            f.write(r.read())
+    except urllib.error.HTTPError as e:
+        with open(served["log"]) as f:
+            pytest.fail(f"/infer/{model} answered {e.code}:\n{f.read()[-6000:]}")
+    return out
+
+
+def test_the_server_lists_the_bundles_with_their_labels(served):
+    models = served["info"]["models"]
+    assert set(served["roots"]) <= set(models), sorted(models)
+    # MONAI Label names the values after channel_def; background is left out
+    assert models["hybridmim_unet_msd_spleen"]["labels"] == {"spleen": 1}
+    assert len(models["hybridmim_swin_btcv"]["labels"]) == 13
+    assert models["hybridmim_unet_brats"]["labels"] == {
+        "necrotic and non-enhancing tumour core": 1, "peritumoral oedema": 2, "enhancing tumour": 4}
+
+
+@pytest.mark.parametrize("backbone,task", SERVED, ids=[bundle_name(b, t) for b, t in SERVED])
+def test_infer_over_http_returns_the_bundles_label_map_on_the_input_grid(served, backbone, task):
+    import nibabel as nib
+
+    name = bundle_name(backbone, task)
+    image_id = "served_brats" if task == "brats" else "served_ct"
+    image = os.path.join(served["studies"], f"{image_id}.nii.gz")
+    out = _infer(served, name, image_id, os.path.join(served["work"], f"{name}_server.nii.gz"))
+    src, pred = nib.load(image), nib.load(out)
+    assert pred.shape == src.shape[:3], (pred.shape, src.shape)
+    np.testing.assert_allclose(pred.affine, src.affine, atol=1e-4)
+    values = np.asarray(pred.dataobj)
+    allowed = {0, 1, 2, 4} if TASKS[task]["sigmoid"] else set(range(len(TASKS[task]["classes"])))
+    assert set(np.unique(values).tolist()) <= allowed, np.unique(values)
+    # the same label map as the bundle's own inference.json through the MONAI CLI
+    expected = nib.load(_cli_inference(served["roots"][name], image, os.path.join(served["work"], f"{name}_cli")))
+    np.testing.assert_array_equal(values, np.asarray(expected.dataobj))
