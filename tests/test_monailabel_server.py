@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -27,7 +28,7 @@ import pytest
 pytest.importorskip("monailabel", reason="MONAI Label is not installed (tools/monailabel/requirements.txt)")
 
 from tools.bundles.bundlegen.finetune import TASKS, bundle_name  # noqa: E402
-from tools.data.make_demo_data import BRATS_MODALITIES, make_brats_dataset, make_ct_dataset  # noqa: E402
+from tools.data.make_demo_data import make_brats_dataset, make_ct_dataset  # noqa: E402
 
 pytestmark = [pytest.mark.monailabel, pytest.mark.slow]
 
@@ -70,14 +71,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _stack_brats(case_dir: str, case: str, out: str) -> None:
-    """The four BraTS sequences of one case as one 4-channel NIfTI ``(H, W, D, 4)``, in the order T1, T1ce, T2,
-    FLAIR (the bundle's channel order), with the sequences' affine."""
-    import nibabel as nib
-
-    images = [nib.load(os.path.join(case_dir, f"{case}_{m}.nii.gz")) for m in BRATS_MODALITIES]
-    stacked = np.stack([np.asarray(i.dataobj, dtype=np.float32) for i in images], axis=-1)
-    nib.save(nib.Nifti1Image(stacked, images[0].affine), out)
+def _stack_brats_as_documented(case_dir: str, case: str, out: str) -> None:
+    """Run the bundle README's snippet (one 4-channel NIfTI from the four sequences) in a BraTS case folder."""
+    with open(os.path.join(REPO_ROOT, "bundles", bundle_name("unet", "brats"), "docs", "README.md")) as f:
+        readme = f.read()
+    section = readme[readme.index("### MONAI Label"):]
+    snippet = section[section.index("```python\n") + len("```python\n"):]
+    snippet = snippet[: snippet.index("```")]
+    documented_case = re.search(r'^case = "([^"]+)"$', snippet, re.M)
+    assert documented_case, snippet
+    snippet = snippet.replace(documented_case.group(0), f"case = {case!r}")
+    _run([sys.executable, "-c", snippet], "the README's 4-channel NIfTI snippet", cwd=case_dir)
+    shutil.move(os.path.join(case_dir, f"{case}.nii.gz"), out)
 
 
 def _train_tiny_copy(backbone: str, task: str, model_dir: str, data_dir: str) -> str:
@@ -108,8 +113,8 @@ def _train_tiny_copy(backbone: str, task: str, model_dir: str, data_dir: str) ->
     return root
 
 
-def _cli_inference(root: str, image: str, out_dir: str) -> str:
-    """The label map the bundle's own inference.json writes for ``image`` (MONAI CLI)."""
+def _cli_inference(root: str, image, out_dir: str) -> str:
+    """The label map the bundle's own inference.json writes for ``image`` (a path, or BraTS's four paths; MONAI CLI)."""
     datalist = os.path.join(out_dir, "datalist.json")
     os.makedirs(out_dir, exist_ok=True)
     with open(datalist, "w") as f:
@@ -117,8 +122,8 @@ def _cli_inference(root: str, image: str, out_dir: str) -> str:
     _run([sys.executable, "-m", "monai.bundle", "run", "--config_file", os.path.join(root, "configs", "inference.json"),
           *_cli({"bundle_root": root, "dataset_dir": out_dir, "data_list_file_path": datalist,
                  "output_dir": out_dir, "dataloader#num_workers": 0})], f"CLI inference of {root}")
-    stem = os.path.basename(image)[: -len(".nii.gz")]
-    return os.path.join(out_dir, f"{stem}_seg.nii.gz")
+    first = image[0] if isinstance(image, list) else image
+    return os.path.join(out_dir, os.path.basename(first)[: -len(".nii.gz")] + "_seg.nii.gz")
 
 
 @pytest.fixture(scope="module")
@@ -142,9 +147,11 @@ def served(tmp_path_factory):
     shutil.copy(os.path.join(os.path.dirname(ct_list), ct_image), os.path.join(studies, "served_ct.nii.gz"))
     brats_list = make_brats_dataset(os.path.join(data, "served_brats"), n_train=1, n_val=1, n_test=1, seed=7)
     with open(brats_list) as f:
-        first = json.load(f)["testing"][0]["image"][0]
-    case = os.path.basename(os.path.dirname(first))
-    _stack_brats(os.path.join(os.path.dirname(brats_list), case), case, os.path.join(studies, "served_brats.nii.gz"))
+        brats_entry = json.load(f)["testing"][0]["image"]  # the four sequence files, T1, T1ce, T2, FLAIR
+    case = os.path.basename(os.path.dirname(brats_entry[0]))
+    brats_sequences = [os.path.join(os.path.dirname(brats_list), p) for p in brats_entry]
+    _stack_brats_as_documented(os.path.join(os.path.dirname(brats_list), case), case,
+                               os.path.join(studies, "served_brats.nii.gz"))
 
     port = _free_port()
     log_path = str(work / "server.log")
@@ -167,7 +174,8 @@ def served(tmp_path_factory):
             except (urllib.error.URLError, ConnectionError):
                 assert time.monotonic() < deadline, f"no answer in {SERVER_START_S} s:\n{open(log_path).read()[-6000:]}"
                 time.sleep(1)
-        yield {"url": url, "info": info, "roots": roots, "studies": studies, "work": str(work), "log": log_path}
+        yield {"url": url, "info": info, "roots": roots, "studies": studies, "work": str(work), "log": log_path,
+               "brats_sequences": brats_sequences}
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -214,6 +222,8 @@ def test_infer_over_http_returns_the_bundles_label_map_on_the_input_grid(served,
     values = np.asarray(pred.dataobj)
     allowed = {0, 1, 2, 4} if TASKS[task]["sigmoid"] else set(range(len(TASKS[task]["classes"])))
     assert set(np.unique(values).tolist()) <= allowed, np.unique(values)
-    # the same label map as the bundle's own inference.json through the MONAI CLI
-    expected = nib.load(_cli_inference(served["roots"][name], image, os.path.join(served["work"], f"{name}_cli")))
+    # the same label map as the bundle's own inference.json through the MONAI CLI (BraTS: from the four sequence
+    # files, the datalist form the bundle trains on, so the documented 4-channel NIfTI must hold them in that order)
+    cli_input = served["brats_sequences"] if task == "brats" else image
+    expected = nib.load(_cli_inference(served["roots"][name], cli_input, os.path.join(served["work"], f"{name}_cli")))
     np.testing.assert_array_equal(values, np.asarray(expected.dataobj))
