@@ -44,8 +44,9 @@ def readme_paragraph(spec) -> str:
     if not applies(spec):
         return ""
     return f"""
-A pool too large for the cache (thousands of CTs): preprocess it once into a pool store, then train with
-`configs/pool_store.json` layered last. The store holds each volume after `train#deterministic_transforms` as an
+A pool too large for the cache (thousands of CTs): preprocess it once into a pool store with the collection's
+`tools/data/preprocess_pool.py` (run from the collection's root), then train with `configs/pool_store.json` layered
+last. The store holds each volume after `train#deterministic_transforms` as an
 uncompressed float32 `.npy` that training memory-maps, reading only the pages its random crops cover; host memory
 per process then no longer depends on the pool size, and under DDP each rank reads its own shard of the store.
 Give the preprocessor the same overrides as training (e.g. `roi_size`); a rerun skips finished volumes and redoes
