@@ -101,6 +101,10 @@ class OnnxNetwork(torch.nn.Module):
         intra_op_num_threads: threads of one operator; 0 lets onnxruntime choose (one per physical core).
         graph_optimization: ``"all"`` (default), ``"extended"``, ``"basic"`` or ``"disabled"``: onnxruntime's graph
             optimisation level.
+        max_batch: patches per onnxruntime call (larger batches are split and the logits concatenated). 1 by
+            default: on the CPU one patch at a time was faster per patch than 4 (SwinUNETR, 96^3: 3.9 s vs 5.9 s)
+            and needs a fraction of the memory (onnxruntime keeps the largest intermediates of a call alive:
+            10 GB for 4 SwinUNETR patches at feature size 12, 2.9 GB for one).
         stable_norm: run instance norms in the two-pass form of :func:`stable_instance_norm` (default; false keeps
             onnxruntime's own kernel, faster but off by up to 1e-2 on CT patches with large uniform regions).
 
@@ -117,7 +121,7 @@ class OnnxNetwork(torch.nn.Module):
     _LEVELS = ("disabled", "basic", "extended", "all")
 
     def __init__(self, path: str, intra_op_num_threads: int = 0, graph_optimization: str = "all",
-                 stable_norm: bool = True):
+                 max_batch: int = 1, stable_norm: bool = True):
         super().__init__()
         path = os.fspath(path)
         if not os.path.isfile(path):
@@ -125,6 +129,8 @@ class OnnxNetwork(torch.nn.Module):
                 f"ONNX model {path!r} not found: export it from the trained checkpoint first, from the bundle "
                 f"folder: {EXPORT_HINT}."
             )
+        if int(max_batch) < 1:
+            raise ValueError(f"max_batch must be at least 1, got {max_batch!r}.")
         if graph_optimization not in self._LEVELS:
             raise ValueError(f"graph_optimization must be one of {self._LEVELS}, got {graph_optimization!r}.")
         try:
@@ -143,6 +149,7 @@ class OnnxNetwork(torch.nn.Module):
             "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
         }[graph_optimization]
         self.path = path
+        self.max_batch = int(max_batch)
         self.stable_norm = bool(stable_norm)
         source = path
         if self.stable_norm:
@@ -170,5 +177,7 @@ class OnnxNetwork(torch.nn.Module):
         # a plain float32 array (MetaTensor's metadata is not needed by the network)
         plain = x.as_tensor() if hasattr(x, "as_tensor") else x
         array = np.ascontiguousarray(plain.detach().to("cpu", torch.float32).numpy())
-        (logits,) = self.session.run(None, {self.input_name: array})
+        chunks = [self.session.run(None, {self.input_name: array[i:i + self.max_batch]})[0]
+                  for i in range(0, array.shape[0], self.max_batch)]
+        logits = chunks[0] if len(chunks) == 1 else np.concatenate(chunks, axis=0)
         return torch.from_numpy(logits).to(x.device)
