@@ -175,6 +175,7 @@ BUNDLE_RUN = r"python -m monai\.bundle run"
 T_PRETRAIN = "tests/test_pretrain_bundles.py"
 T_EXPERIMENTS = "tests/test_experiments.py"
 T_STUDY = "tests/test_patient_study.py"
+T_MULTINODE = "tests/test_multinode.py"
 
 #: (regex, full match on Command.key, what covers it); the first matching entry counts
 COVERAGE: List[Tuple[str, object]] = [
@@ -189,6 +190,15 @@ COVERAGE: List[Tuple[str, object]] = [
                                                      expect='pip install -q -e ".[test]"')),
     (r'\.: pip install -e "\.\[test\]"', covered_by(".ci/run", "CI's install step", expect='pip install -q -e ".[test]"')),
     (r"\.: python -m pytest -n 2 tests", covered_by(".ci/run", "CI's test step", expect="-m pytest -n 2 tests")),
+    # ---- MONAI Label (README "Running a bundle on your data", 5) --------------------------------------------------
+    (r"\.: pip install --no-deps -r tools/monailabel/requirements\.txt", covered_by(
+        ".ci/run", "CI installs the same file into both environments",
+        expect="pip install -q --no-deps -r tools/monailabel/requirements.txt")),
+    (r"\.: (python tools/monailabel/start_server\.py (apps --download|start_server) .*|cp -r "
+     r"bundles/\S+ apps/monaibundle/model/)", covered_by(
+        "tests/test_monailabel_server.py::test_infer_over_http_returns_the_bundles_label_map_on_the_input_grid",
+        "a real server: the test copies the sample app, puts trained tiny bundle copies in its model folder, starts "
+        "it on a free port and requests /infer (CI runs it on MONAI 1.5.1 and 1.6.1; skipped without monailabel)")),
     (r"\.: python tools/demo\.py", covered_by(
         "tests/test_demo.py::test_demo_runs_and_reports_pretext_metrics_dice_and_pictures",
         "the defaults take minutes (the README reports a measured run); the test runs the same script on the same "
@@ -209,6 +219,27 @@ COVERAGE: List[Tuple[str, object]] = [
      r"\"\['configs/train\.json','configs/multi_gpu_train\.json'\]\" --dataset_dir /data",
      covered_by(f"{T_PRETRAIN}::test_pretrain_multi_gpu_config_two_cpu_processes",
                 "needs several GPUs; the test runs the same two configs under torchrun with 2 CPU processes (gloo)")),
+    # ---- several nodes, GPU check, step cost (README "Several GPUs and nodes") ------------------------------------
+    (rf"{PRETRAIN}: torchrun --nnodes \d+ --nproc_per_node \d+ --rdzv_backend c10d --rdzv_endpoint \S+:\d+ "
+     r"--rdzv_id \S+ -m monai\.bundle run --config_file \"\['configs/train\.json','configs/multi_gpu_train\.json'\]\" "
+     r"--dataset_dir /data",
+     covered_by([f"{T_MULTINODE}::test_two_nodes_gather_negatives_and_shard_the_pool",
+                 f"{T_MULTINODE}::test_pretrain_bundle_trains_as_two_nodes_through_the_slurm_script"],
+                "needs several machines; the tests start 2 nodes x 1 process here with the same torchrun options "
+                "(c10d rendezvous, gloo) and train the bundle's two configs as 2 nodes")),
+    (r"\.: sbatch --nodes \d+ --gpus-per-node \d+ tools/slurm/pretrain\.sbatch bundles/\S+ \S+",
+     covered_by([f"{T_MULTINODE}::test_slurm_script_starts_one_torchrun_per_node_without_slurm_job_id",
+                 f"{T_MULTINODE}::test_pretrain_bundle_trains_as_two_nodes_through_the_slurm_script"],
+                "needs a SLURM cluster; the tests run the script with srun/scontrol stand-ins: the torchrun each node "
+                "gets, and the bundle trained as 2 nodes through it")),
+    (r"\.: python tools/gpu_check\.py", covered_by(
+        "tests/test_gpu_check.py::test_cpu_run_is_tiny_says_so_and_its_figures_are_sane",
+        "paper settings need a GPU (and write tools/results/); the test runs the same command on CPU, where it "
+        "chooses tiny settings by itself", help=True)),
+    (r"\.: python tools/benchmarks/compute_step_cost\.py", covered_by(
+        "tests/test_step_cost.py::test_cli_writes_json_and_markdown",
+        "writes the committed tools/benchmarks/results/step_cost.*; the test runs the same CLI on tiny settings into "
+        "tmp_path", help=True)),
     (rf"{BTCV}: {BUNDLE_RUN} --config_file configs/train\.json --dataset_dir /data/btcv",
      run("bundles", FINETUNE_TINY, expect=["pretrained weights ./../hybridmim_unet_pretrain/models/model.pt",
                                            "unexpected: 0", "Epoch[1] Complete"], creates=["models/model.pt"])),
@@ -228,6 +259,38 @@ COVERAGE: List[Tuple[str, object]] = [
      r"--dataset_dir /data/Task09_Spleen --pretrained_path downloaded/hybridmim_unet_pretrain",
      run("bundles", FINETUNE_TINY, expect=["pretrained weights downloaded/hybridmim_unet_pretrain/models/model.pt",
                                            "sha256 ", "unexpected: 0", "Epoch[1] Complete"])),
+    # ---- pretraining on a large pool (README "Pretraining on a large pool") -----------------------------------------
+    (r"\.: python tools/data/preprocess_pool\.py bundles/hybridmim_swin_pretrain /data/pool_store --dataset_dir /data",
+     covered_by("tests/test_pool_store.py::test_a_corrupt_file_is_named_and_skipped_and_the_rest_stored",
+                "the test runs the same command line (main) on generated CTs with a tiny crop override", help=True)),
+    (r"bundles/hybridmim_swin_pretrain: python -m monai\.bundle run --config_file "
+     r"\"\['configs/train\.json','configs/pool_store\.json'\]\" --dataset_dir /data --check_data false",
+     covered_by("tests/test_pool_store.py::test_a_pretraining_bundle_trains_from_the_store_through_the_cli",
+                "the test trains the UNet twin (the same pool_store.json) from a store with tiny overrides")),
+    (r"bundles/hybridmim_swin_pretrain: torchrun --nproc_per_node=\d+ -m monai\.bundle run --config_file "
+     r"\"\['configs/train\.json','configs/multi_gpu_train\.json','configs/pool_store\.json'\]\" "
+     r"--dataset_dir /data --check_data false",
+     covered_by("tests/test_pool_store.py::test_a_pretraining_bundle_trains_from_the_store_under_two_process_ddp",
+                "needs several GPUs; the test runs the same three configs under torchrun with 2 CPU processes")),
+    (r"\.: python tools/benchmarks/benchmark_pool_store\.py --n_small \d+ --n_large \d+",
+     covered_by("tests/test_pool_store.py::test_the_benchmark_runs_at_a_tiny_size",
+                "writes a 21 GB simulated pool and runs for tens of minutes; the test runs it on 3 tiny CTs",
+                help=True)),
+    # ---- CPU inference with ONNX (README) ----------------------------------------------------------------------------
+    (rf"{BTCV}: python -m monai\.bundle onnx_export network_def --filepath models/model\.onnx "
+     r"--ckpt_file models/model\.pt .*--input_shape \"\[2, 1, 96, 96, 96\]\" --converter_kwargs .*",
+     covered_by("tests/test_onnx_export.py::test_onnx_export_and_parity",
+                "needs a trained models/model.pt; the test runs each bundle README's same command (tiny width, "
+                "smaller patch) and checks onnxruntime against PyTorch")),
+    (rf"{BTCV}: {BUNDLE_RUN} --config_file \"\['configs/inference\.json','configs/inference_onnx\.json'\]\" "
+     r"--dataset_dir /data/btcv",
+     covered_by("tests/test_onnx_export.py::test_onnx_export_and_parity",
+                "needs the exported models/model.onnx; the test runs both configs on a crop of the real demo CT and "
+                "compares the label maps")),
+    (r"\.: python tools/benchmarks/benchmark_onnx_inference\.py .*",
+     covered_by("tests/test_onnx_export.py::test_benchmark_runs_at_tiny_width",
+                "times SwinUNETR and BasicUNet at their default widths (~20 min on 2 cores); the test runs it on a "
+                "tiny UNet", help=True)),
     # ---- experiments (docs/experiments.md) ------------------------------------------------------------------------
     (r"\.: python -m tools\.experiments\.label_efficiency --small", covered_by(
         f"{T_EXPERIMENTS}::test_label_efficiency_end_to_end_is_reproducible_and_resumes",

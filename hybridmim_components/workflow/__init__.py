@@ -19,9 +19,12 @@ from .flags import config_flag
 from .input_checks import check_contrastive_batch, check_datalist
 from .mixed_precision import amp_kwargs
 from .nonfinite import NonFiniteLossError, NonFiniteLossGuard
+from .onnx_inference import OnnxNetwork
 from .pretext_baselines import LocationAccuracyBaseline, MaskedReconstructionBaseline, NumberAccuracyBaseline
 from .pretext_metrics import LocationAccuracy, MaskedReconstructionMSE, NumberAccuracy, lower_is_better
+from .pool_store import PoolRandCropSamplesd, pool_store_entries
 from .pretrain import PrepareMIMBatch, loss_terms_transform
 from .previews import MIMPreviewHandler, SaveMIMOutputs
 from .progress import TrainProgressBar
 from .seeding import RandomStates, ReseedHandler
+from .serving import PathSafeSpacingd

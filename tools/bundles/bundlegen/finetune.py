@@ -731,6 +731,13 @@ def multi_gpu_config(backbone: str, task: str) -> dict:
     }
 
 
+def _serving_transforms(transforms: list[dict]) -> list[dict]:
+    """inference.json: ``Spacingd`` -> ``PathSafeSpacingd``, which MONAI Label serves on MONAI 1.6 too (MONAI 1.6's
+    ``Spacingd`` updates every ``image_*`` entry and fails on MONAI Label's ``image_path`` string)."""
+    return [{**t, "_target_": "hybridmim_components.workflow.PathSafeSpacingd"} if t["_target_"] == "Spacingd" else t
+            for t in transforms]
+
+
 def inference_config(backbone: str, task: str) -> dict:
     t, b = TASKS[task], BACKBONES[backbone]
     cfg: dict = {
@@ -764,7 +771,7 @@ def inference_config(backbone: str, task: str) -> dict:
             "datalist": "$hybridmim_components.workflow.load_datalist(@dataset_dir, @data_list_file_path, 'testing')",
             "preprocessing": {
                 "_target_": "Compose",
-                "transforms": _deterministic_transforms(task, with_label=False),
+                "transforms": _serving_transforms(_deterministic_transforms(task, with_label=False)),
             },
             "dataset": {"_target_": "Dataset", "data": "@datalist", "transform": "@preprocessing"},
             "dataloader": {"_target_": "DataLoader", "dataset": "@dataset", "batch_size": 1, "shuffle": False,
@@ -894,6 +901,28 @@ REFERENCES = [
 
 
 # ------------------------------------------------------------------------------------------------------------ README
+def _monailabel_inputs(task: str) -> str:
+    """README, MONAI Label: how the four BraTS sequences reach the bundle when MONAI Label hands it one image path."""
+    if task != "brats":
+        return ""
+    return """MONAI Label hands the bundle one image per case: give the four sequences as one 4-channel NIfTI of shape
+`(H, W, D, 4)` in the order T1, T1ce, T2, FLAIR (the channel order the network was trained with), with the sequences'
+common affine; `LoadImaged` and `EnsureChannelFirstd` make it the `(4, H, W, D)` input. In a BraTS case folder:
+
+```python
+import nibabel as nib, numpy as np
+case = "BraTS20_Training_001"
+seqs = [nib.load(f"{case}_{m}.nii.gz") for m in ("t1", "t1ce", "t2", "flair")]
+image = np.stack([s.get_fdata(dtype=np.float32) for s in seqs], axis=-1)
+nib.save(nib.Nifti1Image(image, seqs[0].affine), f"{case}.nii.gz")
+```
+
+An MSD Task01 image is already 4-channel but in the order FLAIR, T1, T1gd, T2: reorder its last axis with
+`[1, 2, 3, 0]` first. The label map that comes back has the case's grid (`H, W, D` and affine).
+
+"""
+
+
 def readme(backbone: str, task: str) -> str:
     t, b = TASKS[task], BACKBONES[backbone]
     name = bundle_name(backbone, task)
@@ -1095,13 +1124,14 @@ python -m monai.bundle ckpt_export network_def --filepath models/model.ts --ckpt
 The bundle follows the keys MONAI Label's `monaibundle` app reads (`network_def`, `preprocessing`, `inferer`,
 `postprocessing` in `inference.json`; `train#trainer#max_epochs`, `train#dataset#data`, `validate#dataset#data`,
 `train#handlers` in `train.json`; `multi_gpu_train.json`). Copy this folder into the app's model folder and install
-`hybridmim_components` into MONAI Label's environment:
+`hybridmim_components` into MONAI Label's environment (tested with MONAI Label 0.8.5 on MONAI 1.5.1 and 1.6.1):
 
 ```bash
-monailabel start_server --app apps/monaibundle --studies <images> --conf models {name}
+monailabel apps --download --name monaibundle --output apps
+monailabel start_server --app apps/monaibundle --studies <images> --conf models {name} --conf zoo_source local
 ```
 
-Inference needs a trained `models/model.pt`.{' MONAI Label names the labels after `network_data_format.outputs.pred.channel_def` of the metadata, which here names the values of the BraTS label map that the post-processing writes (1 necrotic/non-enhancing core, 2 oedema, 4 enhancing tumour) rather than the three sigmoid channels TC/WT/ET.' if t['sigmoid'] else ''}
+{_monailabel_inputs(task)}Inference needs a trained `models/model.pt`.{' MONAI Label names the labels after `network_data_format.outputs.pred.channel_def` of the metadata, which here names the values of the BraTS label map that the post-processing writes (1 necrotic/non-enhancing core, 2 oedema, 4 enhancing tumour) rather than the three sigmoid channels TC/WT/ET.' if t['sigmoid'] else ''}
 
 ## References
 
