@@ -253,7 +253,7 @@ def test_benchmark_runs_at_tiny_width(demo_ct, tmp_path):
     assert r["ratio_to_pytorch"]["onnxruntime"] == pytest.approx(
         r["median_s"]["onnxruntime"] / r["median_s"]["pytorch"], rel=0.05)
     assert max(r["max_abs_logit_diff"].values()) <= ATOL
-    assert r["variants"]["basic"] == {"threads": 1, "opt": "basic", "stable": 1}
+    assert r["variants"]["basic"] == {"threads": 1, "opt": "basic", "stable": 1, "batch": 1}
     assert "| unet" in open(os.path.splitext(out)[0] + ".md").read()
     with pytest.raises(ValueError, match="unknown key 'fast'"):
         bench.parse_variant("x=fast:1")

@@ -12,8 +12,8 @@ are not timed. One untimed warm-up patch each; the median of ``--repeats`` timed
 onnxruntime / PyTorch and the largest logit difference between the two.
 
 ``--variants`` adds onnxruntime settings to the same interleaved loop (``name=key:value,...`` with keys
-``threads``, ``opt`` (graph optimisation: all/extended/basic/disabled) and ``stable`` (0: onnxruntime's own instance
-norm kernel)).
+``threads``, ``opt`` (graph optimisation: all/extended/basic/disabled), ``stable`` (0: onnxruntime's own instance
+norm kernel) and ``batch`` (patches per onnxruntime call, ``OnnxNetwork``'s ``max_batch``)).
 
     python tools/benchmarks/benchmark_onnx_inference.py --repeats 2 --crop 144 --sw-batch-size 1 \\
         --output tools/benchmarks/results/onnx_inference.json
@@ -45,7 +45,7 @@ from hybridmim_components.workflow import OnnxNetwork  # noqa: E402
 from tools.bundles.bundlegen.onnx import CONVERTER_KWARGS  # noqa: E402
 
 BUNDLES_DIR = os.path.join(REPO_ROOT, "bundles")
-DEFAULT_VARIANT = {"threads": 0, "opt": "all", "stable": 1}
+DEFAULT_VARIANT = {"threads": 0, "opt": "all", "stable": 1, "batch": 1}
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
@@ -124,7 +124,8 @@ def benchmark_backbone(backbone: str, args, image: str, variants: dict) -> dict:
     with tempfile.TemporaryDirectory() as work:
         t_export, path = timed(lambda: export(bundle, overrides, work, net, roi))
         sessions = {name: OnnxNetwork(path, intra_op_num_threads=v["threads"], graph_optimization=v["opt"],
-                                      stable_norm=bool(v["stable"])) for name, v in variants.items()}
+                                      max_batch=v["batch"], stable_norm=bool(v["stable"]))
+                    for name, v in variants.items()}
         onnx_size = os.path.getsize(path)
 
     def run_torch():
