@@ -18,7 +18,7 @@ __all__ = ["OnnxNetwork", "EXPORT_HINT", "stable_instance_norm"]
 #: How a bundle makes ``models/model.onnx`` from ``models/model.pt`` (shown when the file is missing).
 EXPORT_HINT = (
     "python -m monai.bundle onnx_export network_def --filepath models/model.onnx --ckpt_file models/model.pt "
-    "--meta_file configs/metadata.json --config_file configs/inference.json --input_shape \"[1, C, D, H, W]\" "
+    "--meta_file configs/metadata.json --config_file configs/inference.json --input_shape \"[2, C, D, H, W]\" "
     "--converter_kwargs \"{'input_names': ['image'], 'output_names': ['pred'], "
     "'dynamic_axes': {'image': {0: 'batch'}, 'pred': {0: 'batch'}}}\" (C input channels, D H W the roi_size; "
     "the bundle README has the exact command)"
