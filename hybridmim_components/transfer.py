@@ -274,8 +274,9 @@ def _convert(checkpoint: Mapping):
 
 
 def _format_report(report: dict, limit: int = 20) -> str:
-    layout = report.get("layout")
-    lines = [f"pretrained weights {report['path']}" + (f" (layout: {layout})" if layout else "") + ":"]
+    lines = [f"pretrained weights {report['path']}:"]
+    if report.get("layout"):
+        lines.append(f"  layout: {report['layout']}")
     for key in ("loaded", "missing", "unexpected", "mis_shaped", "left_to_train", "adapted"):
         names = report.get(key, [])
         if key == "adapted" and not names:
