@@ -26,6 +26,8 @@ from types import MappingProxyType
 
 import torch
 
+from hybridmim_components.provenance import window_intensity as _window  # the record's CT window
+
 __all__ = [
     "Layout",
     "ConvertedCheckpoint",
@@ -52,10 +54,6 @@ BASIC_UNET_MODULES = (
 WRAPPER_KEYS = ("state_dict", "model", "net", "network")
 
 
-def _window(a_min, a_max, b_min=0.0, b_max=1.0, clip=True) -> dict:
-    # the provenance record of MONAI's ScaleIntensityRanged (same fields as provenance.window_intensity)
-    return {"kind": "window", "a_min": float(a_min), "a_max": float(a_max), "b_min": float(b_min),
-            "b_max": float(b_max), "clip": bool(clip)}
 
 
 def _frozen(d: Mapping | None) -> Mapping:
