@@ -428,17 +428,6 @@ def load_pretrained_weights(
     }
     text = _format_report(report)
     failing = [n for n in missing if required(n)] + [m for m in mis_shaped if required(m.split()[0])]
-    # encoder tensors this network has no place for (e.g. SwinUNETR-v2's layers1c..4c): it would compute otherwise
-    foreign = [n for n in unexpected if n.startswith("swinViT.") and n in source]
-    if foreign:
-        v2 = any(n.startswith(("swinViT.layers1c.", "swinViT.layers2c.", "swinViT.layers3c.", "swinViT.layers4c."))
-                 for n in foreign)
-        raise PretrainedWeightsError(
-            f"{text}\n{len(foreign)} Swin encoder tensors of the file have no place in this network ("
-            f"{', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}): the encoder would compute something else."
-            + (" These are SwinUNETR-v2 weights: set use_v2 true (--use_v2 true)." if v2 else ""),
-            report,
-        )
     if failing:
         hint = ""
         if scope == "all" and kind is not None:
@@ -450,6 +439,17 @@ def load_pretrained_weights(
             f"{text}\n{len(failing)} parameters that pretrained_scope {scope!r} requires did not load: these weights "
             f"do not fit this network (wrong backbone, feature size or input channels?).{hint} Refusing to train "
             "from partially random weights.",
+            report,
+        )
+    # encoder tensors this network has no place for (e.g. SwinUNETR-v2's layers1c..4c): it would compute otherwise
+    foreign = [n for n in unexpected if n.startswith("swinViT.") and n in source]
+    if foreign:
+        v2 = any(n.startswith(("swinViT.layers1c.", "swinViT.layers2c.", "swinViT.layers3c.", "swinViT.layers4c."))
+                 for n in foreign)
+        raise PretrainedWeightsError(
+            f"{text}\n{len(foreign)} Swin encoder tensors of the file have no place in this network ("
+            f"{', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}): the encoder would compute something else."
+            + (" These are SwinUNETR-v2 weights: set use_v2 true (--use_v2 true)." if v2 else ""),
             report,
         )
     if kind == "SwinUNETR" and any(n.startswith("swinViT.layers") and ".downsample." in n for n in loadable):

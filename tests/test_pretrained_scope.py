@@ -192,3 +192,12 @@ def test_tang_file_loads_as_monai_load_from_reads_it(tmp_path):
             assert torch.equal(value, theirs[name]), name
     with pytest.raises(PretrainedWeightsError, match="--downsample merging_legacy"):
         load_pretrained_weights(swin(), path, scope="encoder")
+
+
+def test_swinunetr_v2_weights_into_a_v1_network_stop_naming_use_v2(tmp_path):
+    v2 = swin(seed=1, use_v2=True).state_dict()
+    assert any(k.startswith("swinViT.layers1c.") for k in v2)
+    path = save(v2, tmp_path / "v2.pt")
+    with pytest.raises(PretrainedWeightsError, match="use_v2 true"):
+        load_pretrained_weights(swin(), path)  # every v1 tensor is there: only the extra v2 blocks give it away
+    assert load_pretrained_weights(swin(seed=2, use_v2=True), path)["missing"] == []
