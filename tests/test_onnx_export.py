@@ -35,6 +35,11 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUNDLES_DIR = os.path.join(REPO_ROOT, "bundles")
 CASES = [(b, t) for b in BACKBONES for t in TASKS]
 IDS = [bundle_name(b, t) for b, t in CASES]
+# exported through the CLI: every UNet bundle, and the Swin bundles with 1 (BTCV) and 4 (BraTS) input channels. The
+# Swin spleen and liver bundles are generated as BTCV's but for the classes (the fast tests above compare their
+# configs), and a SwinUNETR export takes about a minute on 2 CPU cores.
+EXPORT_CASES = [(b, t) for b, t in CASES if b == "unet" or t in ("btcv", "brats")]
+EXPORT_IDS = [bundle_name(b, t) for b, t in EXPORT_CASES]
 WIDTH = {"swin": {"feature_size": 12}, "unet": {"features": [8, 8, 16, 32, 64, 8]}}
 ROI = {"swin": 64, "unet": 32}  # the smallest patches each backbone takes (tests shrink, defaults stay)
 ATOL = 1e-4
@@ -175,7 +180,7 @@ def _patches(task: str, roi: int, batch: int, demo_ct: dict, seed: int) -> torch
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backbone,task", CASES, ids=IDS)
+@pytest.mark.parametrize("backbone,task", EXPORT_CASES, ids=EXPORT_IDS)
 def test_onnx_export_and_parity(backbone, task, demo_ct, tmp_path):
     from monai.bundle import ConfigParser
 
