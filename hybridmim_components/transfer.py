@@ -401,7 +401,7 @@ def load_pretrained_weights(
         source = dict(source, **{name: adapt_input_channels(s, t.shape[1])})
         adapted.append(f"{name} {tuple(s.shape)}->{tuple(t.shape)}")
 
-    loadable, mis_shaped, out_of_scope = {}, [], []
+    loadable, shape_mismatch, out_of_scope = {}, {}, []  # shape_mismatch: name -> "name (file)->(network)"
     for name, value in source.items():
         if name not in target:
             continue
@@ -410,8 +410,9 @@ def load_pretrained_weights(
         elif target[name].shape == value.shape:
             loadable[name] = value
         else:
-            mis_shaped.append(f"{name} {tuple(value.shape)}->{tuple(target[name].shape)}")
-    missing = [name for name in target if name not in loadable and not any(m.startswith(name + " ") for m in mis_shaped)]
+            shape_mismatch[name] = f"{name} {tuple(value.shape)}->{tuple(target[name].shape)}"
+    mis_shaped = list(shape_mismatch.values())
+    missing = [name for name in target if name not in loadable and name not in shape_mismatch]
     unexpected = [name for name in source if name not in target] + list(dropped)
     report = {
         "path": path,
@@ -422,12 +423,13 @@ def load_pretrained_weights(
         "missing": missing,
         "unexpected": unexpected,
         "mis_shaped": mis_shaped,
-        "left_to_train": [n for n in missing if not required(n)] + [m for m in mis_shaped if not required(m.split()[0])],
+        "left_to_train": [n for n in missing if not required(n)]
+        + [text for n, text in shape_mismatch.items() if not required(n)],
         "adapted": adapted,
         "provenance": record,
     }
     text = _format_report(report)
-    failing = [n for n in missing if required(n)] + [m for m in mis_shaped if required(m.split()[0])]
+    failing = [n for n in missing if required(n)] + [text for n, text in shape_mismatch.items() if required(n)]
     if failing:
         hint = ""
         if scope == "all" and kind is not None:
