@@ -38,6 +38,9 @@ def _check_training_rows(result: dict) -> None:
         assert row["volumes_per_s"] == pytest.approx(crops / row["s_per_step"])
         assert row["achieved_tflops"] == pytest.approx(row["flops_per_step"] / row["s_per_step"] / 1e12)
         assert row["loss_finite"]
+        # a step with NaN/inf gradients is skipped, not applied; on this CPU PyTorch's bf16 Conv3d weight gradient is
+        # sometimes NaN on the tiny UNet's 2×2×2 stage (a kernel defect), so a count is allowed, not required
+        assert 0 <= row["nonfinite_grad_steps"] <= result["warmup_steps"] + result["timed_steps"]
         if row["bundle"] not in expected_flops:  # the same step counted on the meta device, in fp32
             expected_flops[row["bundle"]] = training_step_cost(row["bundle"], row["overrides"], "meta")["flops"]
         # autocast changes the dtypes, not the products: every precision counts the same FLOPs
@@ -137,3 +140,38 @@ def test_markdown_of_a_gpu_run_names_the_gpu_and_its_settings():
     assert "| hybridmim_swin_pretrain | 96×96×96 | 4 | bf16 | 0.500 | 8.00 | 20.5 | 3.34 | 6.68 |" in md
     assert "failed: OutOfMemoryError" in md and "| 512×512×200 | 96×96×96, 4, 0.5 | autocast float16 | 12.50 | 9.0 |" in md
     assert "nccl, world size 1" in md and "Tiny" not in md
+
+
+class _NaNGradientOnce(torch.nn.Module):
+    """``y = x·w`` whose weight gradient is NaN in the first backward only (as PyTorch 2.13's CPU bf16 Conv3d weight
+    gradient sometimes is on a 2×2×2 input: uninitialised memory, seen in the tiny UNet's deepest stage)."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(3))
+        self.backwards = 0
+
+        def poison(grad):
+            self.backwards += 1
+            return torch.full_like(grad, float("nan")) if self.backwards == 1 else grad
+
+        self.weight.register_hook(poison)
+
+    def forward(self, x):
+        return x * self.weight
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
+def test_a_step_with_nan_gradients_is_skipped_and_counted_not_applied(precision):
+    """An unguarded optimizer step would make every weight NaN, and every later loss with it: the step is skipped
+    (fp16: by the GradScaler, the others by the check), counted in the row, and the weights keep training."""
+    from tools import gpu_check
+
+    network = _NaNGradientOnce()
+    parts = {"network": network, "loss": lambda y, t: ((y - t) ** 2).mean(), "image": torch.ones(2, 3),
+             "targets": torch.zeros(2, 3), "crops": 2, "parser": {"learning_rate": 0.1}}
+    row = gpu_check.train_setting(parts, torch.device("cpu"), precision, warmup=2, steps=3)
+    assert network.backwards == 5  # warm-up 2 + timed 3
+    assert row["nonfinite_grad_steps"] == 1
+    assert row["loss_finite"] and torch.isfinite(network.weight).all()
+    assert float(network.weight.detach().max()) < 1.0  # the four good steps did train (AdamW, lr 0.1)

@@ -9,7 +9,9 @@ batch are built from the bundle's own ``configs/train.json`` with ``monai.bundle
 are the bundle defaults and cannot drift. Each is trained a few steps (AdamW; fp16 with a GradScaler, as MONAI's
 trainer does) with autocast off (fp32), fp16 and bf16; the batch stays on the device (no data loading). Reported per
 setting: s/step (median of the timed steps), volumes (crops)/s, peak GPU memory (``torch.cuda.max_memory_allocated``),
-FLOPs of one step (``torch.utils.flop_counter.FlopCounterMode`` on the first warm-up step) and the achieved TFLOP/s.
+FLOPs of one step (``torch.utils.flop_counter.FlopCounterMode`` on the first warm-up step), the achieved TFLOP/s, and
+the steps skipped for NaN/inf gradients (skipped as the bundles' guard skips them; every precision starts from the
+same initial weights).
 Then, per finetuning bundle, sliding-window inference of a 512×512×200 CT with its ``validate#inferer``
 (``SlidingWindowInferer``: roi, ``sw_batch_size``, overlap) under its own AMP setting; and a one-process DDP start
 (NCCL on CUDA, gloo on CPU): process group, ``DistributedDataParallel``, one step, an all-reduce.
@@ -135,12 +137,21 @@ def train_setting(parts: dict, device: torch.device, precision: str, warmup: int
         with autocast(device, dtype):
             return loss_fn(network(image), targets)
 
+    skipped = [0]
+
     def update() -> None:
+        """One optimizer step, skipped when a gradient is NaN/inf (as the bundles' ``NonFiniteLossGuard`` does): an
+        unguarded step would turn every weight into NaN and every later loss with it. fp16: ``GradScaler`` skips."""
+        grads = [p.grad for p in network.parameters() if p.grad is not None]
         if scaler is not None:
+            scale = scaler.get_scale()
             scaler.step(optimizer)
             scaler.update()
-        else:
+            skipped[0] += scaler.get_scale() < scale  # the scale drops exactly when the step was skipped
+        elif not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):  # one sync
             optimizer.step()
+        else:
+            skipped[0] += 1
 
     reset_peak(device)
     # first warm-up step: counted (FlopCounterMode slows it down; it is not timed)
@@ -173,6 +184,7 @@ def train_setting(parts: dict, device: torch.device, precision: str, warmup: int
         "achieved_tflops": cost["flops"] / s_per_step / 1e12,
         "peak_memory_gib": peak_memory_gib(device),
         "loss_finite": all(map(lambda v: v == v and abs(v) != float("inf"), losses)),
+        "nonfinite_grad_steps": int(skipped[0]),  # of the warmup + steps updates, skipped for NaN/inf gradients
         "last_loss": losses[-1],
     }
 
@@ -257,17 +269,17 @@ def markdown(result: dict) -> str:
                   "command, they say nothing about the paper's settings.", ""]
     lines += ["## Training steps", "",
               "| bundle | crop | crops/step | precision | s/step | volumes/s | peak memory (GiB) | TFLOP/step | "
-              "achieved TFLOP/s |", "|---|---|---|---|---|---|---|---|---|"]
+              "achieved TFLOP/s | steps skipped (NaN/inf gradients) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for t in result["training"]:
         crop = "×".join(map(str, t["settings"]["roi_size"]))
         if t["status"] != "ok":
             lines.append(f"| {t['bundle']} | {crop} | {t['settings']['crops_per_step']} | {t['precision']} | "
-                         f"{t['status']}: {t.get('error', '')[:80]} | | | | |")
+                         f"{t['status']}: {t.get('error', '')[:80]} | | | | | |")
             continue
         mem = "n/a (CPU)" if t["peak_memory_gib"] is None else f"{t['peak_memory_gib']:.1f}"
         lines.append(f"| {t['bundle']} | {crop} | {t['settings']['crops_per_step']} | {t['precision']} | "
                      f"{t['s_per_step']:.3f} | {t['volumes_per_s']:.2f} | {mem} | {t['flops_per_step'] / 1e12:.3g} | "
-                     f"{t['achieved_tflops']:.3g} |")
+                     f"{t['achieved_tflops']:.3g} | {t.get('nonfinite_grad_steps', 0)} |")
     lines += ["", "## Sliding-window inference", "",
               "| bundle | volume | roi, sw_batch, overlap | precision | s | peak memory (GiB) |", "|---|---|---|---|---|---|"]
     for s in result["inference"]:
@@ -350,6 +362,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         try:
             parts = training_parts(name, overrides)
             parts["network"].to(device)
+            # every precision starts from the same weights (the rows are comparable, and one cannot poison the next)
+            initial_state = {k: v.detach().to("cpu", copy=True) for k, v in parts["network"].state_dict().items()}
         except Exception as exc:  # noqa: BLE001 - recorded, the other bundles still run
             result["training"].append({"family": family, "bundle": name, "precision": "all", "settings": {
                 "roi_size": [], "crops_per_step": 0}, **_failed(exc)})
@@ -361,13 +375,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 row.update(status="skipped", error=f"time budget {args.time_budget:.0f} s spent")
             else:
                 try:
+                    parts["network"].load_state_dict(initial_state)
                     row.update(train_setting(parts, device, precision, warmup, steps))
                 except Exception as exc:  # noqa: BLE001 - e.g. out of memory: recorded, the run goes on
                     row.update(_failed(exc))
             result["training"].append(row)
             if row["status"] == "ok":
                 print(f"{name} {precision}: {row['s_per_step']:.3f} s/step, {row['volumes_per_s']:.2f} volumes/s, "
-                      f"{row['achieved_tflops']:.2f} TFLOP/s, peak {row['peak_memory_gib']} GiB", flush=True)
+                      f"{row['achieved_tflops']:.2f} TFLOP/s, peak {row['peak_memory_gib']} GiB"
+                      + (f", {row['nonfinite_grad_steps']} step(s) skipped for NaN/inf gradients"
+                         if row["nonfinite_grad_steps"] else ""), flush=True)
             else:
                 print(f"{name} {precision}: {row['status']} {row.get('error', '')}", flush=True)
             checkpoint()
