@@ -26,7 +26,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 __all__ = [
     "PROVENANCE_FORMAT",
@@ -75,13 +75,12 @@ def read_provenance(weights: str | os.PathLike) -> dict | None:
 
 def write_provenance(weights: str | os.PathLike, record: Mapping) -> str:
     """Write ``record`` beside ``weights`` atomically (a reader never sees half a file); returns the path."""
+    from hybridmim_components.atomic_files import atomic_open
+
     path = provenance_path(weights)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    part = os.path.join(os.path.dirname(os.path.abspath(path)), "." + os.path.basename(path) + ".part")
-    with open(part, "w") as f:
+    with atomic_open(path, "w") as f:
         json.dump(_plain(record), f, indent=2, sort_keys=True)
         f.write("\n")
-    os.replace(part, path)
     return path
 
 

@@ -333,29 +333,32 @@ KNOWN_FILE_HASHES = {
 }
 
 
-def unwrap_checkpoint(checkpoint: Mapping) -> tuple[str | None, dict[str, torch.Tensor]]:
-    """The wrapper key (``None`` for a bare state dict) and the flat ``{name: tensor}`` with ``module.`` stripped.
+def unwrap_checkpoint(checkpoint: Mapping, wrapper_keys: tuple[str, ...] = WRAPPER_KEYS,
+                      prefixes: tuple[str, ...] = ("module.",)) -> tuple[str | None, dict[str, torch.Tensor]]:
+    """The wrapper key (``None`` for a bare state dict) and the flat ``{name: tensor}`` with ``prefixes`` stripped.
 
-    Looks into ``state_dict``/``model``/``net``/``network`` (repeatedly) until a mapping holds tensors; non-tensor
-    entries are ignored. Only leading ``module.`` (DDP) is stripped here; other prefixes are layout-specific.
+    Looks into ``wrapper_keys`` (default ``state_dict``/``model``/``net``/``network``; repeatedly) until a mapping
+    holds tensors; non-tensor entries are ignored. Leading ``prefixes`` are stripped, repeatedly and in any order
+    (DDP around a pretraining wrapper stacks them); by default only ``module.`` (DDP): other prefixes are
+    layout-specific.
     """
     if not isinstance(checkpoint, Mapping):
         raise ValueError(f"a checkpoint must be a mapping (a state dict or a dict holding one), got "
                          f"{type(checkpoint).__name__}.")
     state, wrapper = checkpoint, None
     while not any(isinstance(v, torch.Tensor) for v in state.values()):
-        key = next((k for k in WRAPPER_KEYS if isinstance(state.get(k), Mapping)), None)
+        key = next((k for k in wrapper_keys if isinstance(state.get(k), Mapping)), None)
         if key is None:
             raise ValueError(
-                f"no state dict found in the checkpoint: expected tensors or one of the keys {WRAPPER_KEYS}, "
+                f"no state dict found in the checkpoint: expected tensors or one of the keys {wrapper_keys}, "
                 f"got keys {list(state)[:10]}."
             )
         state, wrapper = state[key], key if wrapper is None else wrapper
     flat = {}
     for name, value in state.items():
         if isinstance(value, torch.Tensor):
-            while name.startswith("module."):
-                name = name[len("module."):]
+            while prefix := next((p for p in prefixes if name.startswith(p)), None):
+                name = name[len(prefix):]
             flat[name] = value
     return wrapper, flat
 

@@ -181,28 +181,12 @@ def last_layer_prefixes(network: nn.Module) -> tuple[str, ...]:
 
 
 def extract_state_dict(checkpoint: Mapping) -> dict[str, torch.Tensor]:
-    """The flat ``{name: tensor}`` of a checkpoint: unwraps ``{"model": ...}``/``{"state_dict": ...}`` and strips
-    leading ``module.``/``backbone.`` prefixes (repeatedly, as DDP around a pretraining wrapper stacks them)."""
-    state = checkpoint
-    while isinstance(state, Mapping) and not any(isinstance(v, torch.Tensor) for v in state.values()):
-        inner = next((state[k] for k in _WRAPPER_KEYS if isinstance(state.get(k), Mapping)), None)
-        if inner is None:
-            raise ValueError(
-                f"no state dict found: expected tensors or one of the keys {_WRAPPER_KEYS}, got keys {list(state)[:10]}."
-            )
-        state = inner
-    flat = {}
-    for name, value in state.items():
-        if not isinstance(value, torch.Tensor):
-            continue
-        stripped = True
-        while stripped:
-            stripped = False
-            for prefix in _PREFIXES:
-                if name.startswith(prefix):
-                    name, stripped = name[len(prefix) :], True
-        flat[name] = value
-    return flat
+    """The flat ``{name: tensor}`` of a checkpoint: unwraps ``{"model": ...}``/``{"state_dict": ...}`` (and
+    ``network``/``net``/``backbone``) and strips leading ``module.``/``backbone.`` prefixes (repeatedly, as DDP around
+    a pretraining wrapper stacks them)."""
+    from hybridmim_components.public_weights import unwrap_checkpoint
+
+    return unwrap_checkpoint(checkpoint, wrapper_keys=_WRAPPER_KEYS, prefixes=_PREFIXES)[1]
 
 
 SCOPES = ("all", "encoder")

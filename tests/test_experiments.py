@@ -60,7 +60,7 @@ def test_write_csv_keeps_the_given_columns_in_order_and_writes_triples_as_text(t
     path = tables.write_csv(str(tmp_path / "t.csv"), [{"b": 2, "a": [64, 64, 32], "ignored": 1}], ["a", "b"])
     with open(path, encoding="utf-8") as f:
         assert f.read() == "a,b\n64x64x32,2\n"
-    assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]
+    assert not [p for p in os.listdir(tmp_path) if ".part" in p or ".tmp" in p]
 
 
 def test_step_times_are_intervals_between_consecutive_iteration_lines_of_one_epoch():

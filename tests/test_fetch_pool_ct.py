@@ -164,7 +164,7 @@ def test_rerun_converts_nothing_and_a_damaged_file_is_rebuilt(fakes, tmp_path, c
     pool.prepare(str(out), **kwargs)
     assert "nothing converted" not in capsys.readouterr().out
     assert nib.load(damaged).shape == (8, 8, 5)
-    assert not [p for p in out.rglob("*") if ".partial" in p.name]
+    assert not [p for p in out.rglob("*") if ".part" in p.name]
 
 
 def test_an_interrupted_run_leaves_no_manifest_and_no_partial_file(fakes, tmp_path, monkeypatch):
@@ -184,9 +184,9 @@ def test_an_interrupted_run_leaves_no_manifest_and_no_partial_file(fakes, tmp_pa
     monkeypatch.setattr(pool, "_save", interrupted_save)
     with pytest.raises(KeyboardInterrupt):
         pool.prepare(str(out), **kwargs)
-    assert ".partial" in os.path.basename(calls[2])
+    assert ".part" in os.path.basename(calls[2])
     assert not (out / pool.MANIFEST).exists()  # the old manifest no longer vouches for a half-updated folder
-    assert not [p for p in out.rglob("*") if ".partial" in p.name]
+    assert not [p for p in out.rglob("*") if ".part" in p.name]
     monkeypatch.setattr(pool, "_save", save)
     pool.prepare(str(out), **kwargs)
     assert (out / pool.MANIFEST).is_file() and (out / "images/ts_example_ct.nii.gz").is_file()

@@ -98,6 +98,35 @@ def test_a_write_killed_half_way_leaves_the_previous_full_checkpoint(bundle, tmp
 
 
 @pytest.mark.parametrize("bundle", ["hybridmim_unet_pretrain", "hybridmim_unet_msd_spleen"])
+@pytest.mark.parametrize("epoch_level", [True, False])
+def test_a_resumed_run_goes_on_rotating_the_interrupted_runs_checkpoints(bundle, epoch_level, tmp_path):
+    """Old code: a resumed run's saver started with an empty list, so each resume left ``n_saved`` full checkpoints
+    behind for good (a Swin run with its optimizer: ~0.75 GB each, times every preemption). Files ahead of the run
+    (another run's) are left alone, never rotated away."""
+    saver_class = _bundle_target(bundle, "train", "checkpoint_saver")
+    net = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    unit = "epoch" if epoch_level else "iteration"
+
+    def saver():
+        return saver_class(save_dir=str(tmp_path), save_dict={"model": net, "optimizer": optimizer}, save_interval=1,
+                           n_saved=2,
+                           epoch_level=epoch_level)
+
+    first = _engine()
+    saver().attach(first)
+    first.run([0], max_epochs=3)  # interrupted after epoch 3 (one iteration per epoch)
+    torch.save({"model": {}}, tmp_path / f"checkpoint_{unit}=9.pt")  # ahead of this run: not its to rotate
+    assert sorted(os.listdir(tmp_path)) == [f"checkpoint_{unit}={i}.pt" for i in (2, 3, 9)]
+
+    resumed = _engine()
+    saver().attach(resumed)
+    resumed.load_state_dict({"iteration": 3, "epoch_length": 1, "max_epochs": 6})  # as the resume loader leaves it
+    resumed.run([0])
+    assert sorted(os.listdir(tmp_path)) == [f"checkpoint_{unit}={i}.pt" for i in (5, 6, 9)]
+
+
+@pytest.mark.parametrize("bundle", ["hybridmim_unet_pretrain", "hybridmim_unet_msd_spleen"])
 def test_a_killed_write_of_model_pt_leaves_the_previous_best(bundle, tmp_path, monkeypatch):
     """``model.pt`` (a fixed name) was overwritten in place: a kill mid-write left a truncated best model."""
     saver_class = _bundle_target(bundle, "train", "checkpoint_saver")
@@ -376,6 +405,11 @@ def test_sigkill_after_a_checkpoint_then_resume_equals_an_uninterrupted_run(fami
     _assert_same_tensors(a["network" if family == "pretrain" else "model"],
                          b["network" if family == "pretrain" else "model"], "weights")
     _assert_same_tensors(a["optimizer"]["state"], b["optimizer"]["state"], "optimizer")
+    # the resumed run rotated the interrupted run's interval checkpoints as the uninterrupted run did (n_saved)
+    def interval(root):
+        return sorted(p for p in os.listdir(os.path.join(root, "models")) if p.startswith("checkpoint_epoch="))
+
+    assert interval(killed) == interval(whole), "the interrupted run's full checkpoints were left behind"
     best = "model.pt"
     _assert_same_tensors(torch.load(os.path.join(whole, "models", best), weights_only=True),
                          torch.load(os.path.join(killed, "models", best), weights_only=True), best)

@@ -17,13 +17,15 @@ from __future__ import annotations
 import glob
 import logging
 import os
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from ignite.handlers.checkpoint import BaseSaveHandler
+from ignite.handlers.checkpoint import BaseSaveHandler, Checkpoint
 from monai.handlers import CheckpointSaver
 
+from hybridmim_components.atomic_files import atomic_open
 from hybridmim_components.transfer import extract_state_dict
 
 __all__ = [
@@ -76,11 +78,13 @@ def latest_checkpoint(ckpt_dir: str | None, prefix: str = "checkpoint") -> str |
 class AtomicDiskSaver(BaseSaveHandler):
     """ignite save handler that never leaves a truncated checkpoint and never deletes one before its successor exists.
 
-    A checkpoint is written to ``.{name}.part`` in the same folder, flushed to disk and renamed over ``name``
-    (``os.replace`` is atomic on one file system), so a kill at any moment leaves either the old or the new file.
+    A checkpoint is written to a hidden file in the same folder, flushed to disk and renamed over ``name``
+    (:func:`~hybridmim_components.atomic_files.atomic_open`), so a kill at any moment leaves either the old or the new
+    file.
     ``remove`` (ignite's rotation of old checkpoints, which it calls *before* writing the new one) is deferred until
-    the next write has succeeded. Files are readable by group and others (MONAI's reason not to use ignite's
-    ``atomic=True``, whose temporary file is private). Rank ``save_on_rank`` alone writes, as with ignite's saver.
+    the next write has succeeded. Files get the permissions the process's umask gives (MONAI's reason not to
+    use ignite's ``atomic=True``, whose temporary file is private). Rank ``save_on_rank`` alone writes, as with
+    ignite's saver.
 
     Args:
         dirname: the folder.
@@ -101,19 +105,8 @@ class AtomicDiskSaver(BaseSaveHandler):
         if idist.get_rank() != self.save_on_rank:
             return
         filename = self.filename or filename
-        path = os.path.join(self.dirname, filename)
-        partial = os.path.join(self.dirname, f".{filename}.part")
-        try:
-            with open(partial, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-        except BaseException:
-            if os.path.exists(partial):
-                os.remove(partial)
-            raise
-        os.chmod(partial, 0o644)
-        os.replace(partial, path)
+        with atomic_open(os.path.join(self.dirname, filename), "wb", fsync=True) as f:
+            torch.save(checkpoint, f)
         for old in self._pending_removal:
             old_path = os.path.join(self.dirname, old)
             if old != filename and os.path.exists(old_path):
@@ -130,6 +123,8 @@ class CrashSafeCheckpointSaver(CheckpointSaver):
 
     - Interval, final and key-metric checkpoints are written atomically; an old interval checkpoint is deleted only
       after its successor is complete, so ``resume`` always finds a readable full checkpoint.
+    - A resumed run goes on rotating the interrupted run's interval checkpoints (see ``_adopt_earlier_checkpoints``):
+      resuming never leaves old full checkpoints piling up.
     - A key-metric (best-model) save is skipped when the validated engine's epoch is below ``key_metric_min_epoch``
       (default 1): the validation at start (``exec_at_start``) runs at epoch 0, on the untrained network, which must
       never become ``model.pt`` (a finetune would then start from untrained "pretrained" weights).
@@ -138,6 +133,7 @@ class CrashSafeCheckpointSaver(CheckpointSaver):
     def __init__(self, *args, key_metric_min_epoch: int = 1, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.key_metric_min_epoch = int(key_metric_min_epoch)
+        self._adopted_earlier = False
         fixed = {"_final_checkpoint": self._final_filename,
                  "_key_metric_checkpoint": kwargs.get("key_metric_filename"),
                  "_interval_checkpoint": None}
@@ -145,6 +141,35 @@ class CrashSafeCheckpointSaver(CheckpointSaver):
             checkpoint = getattr(self, name)
             if checkpoint is not None:
                 checkpoint.save_handler = AtomicDiskSaver(self.save_dir, filename=filename)
+
+    def interval_completed(self, engine) -> None:
+        if not self._adopted_earlier:
+            self._adopt_earlier_checkpoints(engine)
+        super().interval_completed(engine)
+
+    def _adopt_earlier_checkpoints(self, engine) -> None:
+        """Before the first interval save of a run: put this saver's interval checkpoints already in ``save_dir``
+        that are behind the run (``…_epoch=N.pt`` with N below the current epoch, or ``…_iteration=N.pt``) into
+        ignite's rotation list, so that a resumed run deletes the interrupted run's files as it would have (a fresh
+        saver knows none and would leave ``n_saved`` full checkpoints behind at every resume). Files at or ahead of
+        the run's progress are another run's: left alone."""
+        self._adopted_earlier = True
+        checkpoint = self._interval_checkpoint
+        if checkpoint is None or checkpoint.n_saved is None or not os.path.isdir(self.save_dir):
+            return
+        now = engine.state.epoch if self.epoch_level else engine.state.iteration
+        name = "checkpoint" if len(self.save_dict) > 1 else next(iter(self.save_dict))  # as ignite names the file
+        stem = f"{checkpoint.filename_prefix}_{name}" if checkpoint.filename_prefix else name
+        score, ext = re.escape(checkpoint.score_name), re.escape(checkpoint.ext)
+        pattern = re.compile(rf"{re.escape(stem)}_{score}=(\d+)\.{ext}")
+        known = {item.filename for item in checkpoint._saved}
+        earlier = [Checkpoint.Item(int(m.group(1)), f) for f in os.listdir(self.save_dir)
+                   if (m := pattern.fullmatch(f)) and f not in known and int(m.group(1)) < now]
+        if earlier:
+            checkpoint._saved = sorted([*checkpoint._saved, *earlier], key=lambda item: item.priority)
+            logger.info(f"interval checkpoints of the interrupted run in '{self.save_dir}' "
+                        f"({', '.join(sorted(item.filename for item in earlier))}) rotate as this run's "
+                        f"(n_saved={checkpoint.n_saved}).")
 
     def metrics_completed(self, engine) -> None:
         if engine.state.epoch < self.key_metric_min_epoch:

@@ -28,9 +28,10 @@ import json
 import os
 import re
 import sys
-import tempfile
 import zipfile
 from collections.abc import Sequence
+
+from hybridmim_components.atomic_files import atomic_path
 
 __all__ = ["pack_bundle", "main", "URL_PLACEHOLDER"]
 
@@ -199,11 +200,8 @@ def pack_bundle(
     members[LARGE_FILES] = None
 
     output = os.path.abspath(output or f"{name}_v{version}.zip")
-    os.makedirs(os.path.dirname(output), exist_ok=True)
-    # write next to the target, then rename: a failed run never leaves a half-written zip behind
-    fd, tmp = tempfile.mkstemp(suffix=".zip.part", dir=os.path.dirname(output))
-    os.close(fd)
-    try:
+    # a failed run never leaves a half-written zip behind
+    with atomic_path(output) as tmp:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
             for rel in sorted(members):
                 info = zipfile.ZipInfo(f"{name}/{rel}", date_time=ZIP_TIME)
@@ -217,10 +215,6 @@ def pack_bundle(
                     with open(members[rel], "rb") as f:
                         data = f.read()
                 zf.writestr(info, data)
-        os.replace(tmp, output)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
     print(f"packed {name} {version} -> {output}")
     print(f"  {len(members)} files; models/model.pt sha256 {digest} (in {LARGE_FILES})")

@@ -58,6 +58,7 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make `tools` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
+from hybridmim_components.atomic_files import atomic_open, atomic_path  # noqa: E402
 from tools.data.fetch_demo_ct import (  # noqa: E402
     MEMBERS as TS_MEMBERS,
     POOL_VAL_SLICES,
@@ -238,32 +239,14 @@ def _nrrd_member(archive: str, member: str) -> tuple[np.ndarray, np.ndarray]:
             raise PoolDataError(f"member '{member}' of '{archive}' is not a readable NRRD: {err}") from err
 
 
-def _temp_name(path: str) -> str:
-    # same folder (os.replace stays on one file system), same extension (nibabel picks the format by it)
-    folder, name = os.path.split(path)
-    stem, dot, ext = name.partition(".")
-    return os.path.join(folder, f".{stem}.partial{os.getpid()}{dot}{ext}")
-
-
 def _save_atomic(array: np.ndarray, affine: np.ndarray, path: str) -> None:
-    tmp = _temp_name(path)
-    try:
+    with atomic_path(path) as tmp:  # keeps the extension: nibabel picks the format by it
         _save(array, affine, tmp, np.int16)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _write_atomic(path: str, data: bytes) -> None:
-    tmp = _temp_name(path)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_open(path, "wb") as f:
+        f.write(data)
 
 
 def _datalist() -> dict:

@@ -29,6 +29,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__fi
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
+from hybridmim_components.atomic_files import atomic_open  # noqa: E402
 from hybridmim_components.workflow.pool_store import MANIFEST, STORE_FORMAT  # noqa: E402
 from tools.data.file_identity import sha256_of  # noqa: E402
 
@@ -105,10 +106,8 @@ def source_hash(image) -> str:
 
 
 def _write_atomic(path: str, write) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
+    with atomic_open(path, "wb") as f:  # a kill leaves the old file or none, never half of one
         write(f)
-    os.replace(tmp, path)  # a kill leaves the old file or none, never half of one
 
 
 def _write_json(path: str, obj) -> None:

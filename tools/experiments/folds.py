@@ -16,6 +16,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from hybridmim_components.atomic_files import atomic_open
 from hybridmim_components.workflow.data import load_datalist
 from tools.data.file_identity import same_image
 
@@ -207,7 +208,5 @@ def write_fold_datalists(fold: Fold, folder: str, shared_pool: bool) -> tuple[st
 
 
 def _write_json(path: str, content) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_open(path, "w", encoding="utf-8") as f:
         json.dump(content, f, indent=1)
-    os.replace(tmp, path)

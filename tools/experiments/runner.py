@@ -35,6 +35,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__fi
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
+from hybridmim_components.atomic_files import atomic_open  # noqa: E402
 from hybridmim_components.workflow.data import DEFAULT_PATH_KEYS, load_datalist, resolve_datalist_path  # noqa: E402
 from tools import demo  # noqa: E402
 from tools.bundles.bundle_runner import (  # noqa: E402
@@ -321,13 +322,8 @@ def jsonable(value):
 
 
 def write_json_atomic(path: str, content) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_open(path, "w", fsync=True, encoding="utf-8") as f:
         json.dump(content, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _datalist_files(datalist: str, dataset_dir: str | None) -> list[str]:

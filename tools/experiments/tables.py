@@ -4,9 +4,10 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
 import statistics
 from collections.abc import Sequence
+
+from hybridmim_components.atomic_files import atomic_open, atomic_path
 
 
 def aggregate(rows: Sequence[dict], by: Sequence[str], value: str) -> list[dict]:
@@ -42,11 +43,8 @@ def mean_std(mean: float, std: float, digits: int = 3) -> str:
 
 
 def _atomic_write(path: str, text: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8", newline="") as f:
+    with atomic_open(path, "w", encoding="utf-8", newline="") as f:
         f.write(text)
-    os.replace(tmp, path)
 
 
 def write_csv(path: str, rows: Sequence[dict], columns: Sequence[str]) -> str:
@@ -81,8 +79,7 @@ def pyplot():
 
 
 def save_figure(fig, path: str) -> str:
-    tmp = f"{path}.tmp{os.getpid()}.png"
-    fig.savefig(tmp, dpi=110)
+    with atomic_path(path) as tmp:  # keeps the extension: matplotlib picks the format by it
+        fig.savefig(tmp, dpi=110)
     pyplot().close(fig)
-    os.replace(tmp, path)
     return path

@@ -26,8 +26,9 @@ import json
 import logging
 import os
 import sys
-import tempfile
 from collections.abc import Sequence
+
+from hybridmim_components.atomic_files import atomic_open
 
 __all__ = ["import_weights", "main"]
 
@@ -97,11 +98,8 @@ def import_weights(src: str, out: str, scope: str = "all", adapt_in_channels: bo
         "adapted": report["adapted"],
     })
     record.update(runtime_versions())
-    os.makedirs(os.path.dirname(weights), exist_ok=True)
-    fd, part = tempfile.mkstemp(prefix=".model.pt.", dir=os.path.dirname(weights))
-    os.close(fd)
-    torch.save(state, part)
-    os.replace(part, weights)
+    with atomic_open(weights, "wb", fsync=True) as f:
+        torch.save(state, f)
     write_provenance(weights, record)
     report["written"] = weights
     report["overrides"] = overrides
