@@ -15,6 +15,8 @@ import urllib.parse
 import urllib.request
 from html.parser import HTMLParser
 
+from hybridmim_components.atomic_files import atomic_open
+
 __all__ = ["DEFAULT_INDEX", "index_urls", "find_file_url", "download_verified"]
 
 DEFAULT_INDEX = "https://pypi.org/simple"
@@ -78,23 +80,18 @@ def download_verified(package: str, version: str, filename: str, expected_sha256
         except (OSError, LookupError, ValueError) as err:
             reasons.append(f"{index}: {err}")
             continue
-        tmp = os.path.join(os.path.dirname(path), f".{filename}.partial{os.getpid()}")
         try:
             digest = hashlib.sha256()
-            with _open(url) as response, open(tmp, "wb") as out:
+            with atomic_open(path, "wb") as out, _open(url) as response:  # an error deletes the download
                 for block in iter(lambda: response.read(1 << 20), b""):
                     digest.update(block)
                     out.write(block)
-            if digest.hexdigest() != expected_sha256:
-                raise error(f"{filename} downloaded from {url} has SHA-256 {digest.hexdigest()}, expected "
-                            f"{expected_sha256}: refused and deleted unopened (nothing in it was run).")
-            os.replace(tmp, path)
+                if digest.hexdigest() != expected_sha256:
+                    raise error(f"{filename} downloaded from {url} has SHA-256 {digest.hexdigest()}, expected "
+                                f"{expected_sha256}: refused and deleted unopened (nothing in it was run).")
             return path
         except (OSError, ValueError) as err:
             reasons.append(f"{url}: {err}")
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
     raise error(f"could not download {package}=={version} from the package registry. Check the network or "
                 f"PIP_INDEX_URL, or download {filename} elsewhere and pass it with {local_option}. "
                 "Tried:\n  " + "\n  ".join(reasons))
