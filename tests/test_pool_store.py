@@ -196,6 +196,9 @@ def _shard_worker(rank: int, world: int, store_dir: str, init_file: str, out_dir
         with open(os.path.join(out_dir, f"{rank}.json"), "w") as f:
             json.dump([e["image"] for e in entries], f)
     finally:
+        # no collective ran: without this one, a rank could leave while the other is still connecting to it
+        # (gloo: "connectFullMesh failed ... Connection closed by peer", seen once in a loaded CI dry run)
+        dist.barrier()
         dist.destroy_process_group()
 
 
