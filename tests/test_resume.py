@@ -101,8 +101,8 @@ def test_a_write_killed_half_way_leaves_the_previous_full_checkpoint(bundle, tmp
 @pytest.mark.parametrize("epoch_level", [True, False])
 def test_a_resumed_run_goes_on_rotating_the_interrupted_runs_checkpoints(bundle, epoch_level, tmp_path):
     """Old code: a resumed run's saver started with an empty list, so each resume left ``n_saved`` full checkpoints
-    behind for good (a Swin run with its optimizer: ~0.75 GB each, times every preemption). Files ahead of the run
-    (another run's) are left alone, never rotated away."""
+    behind for good (a Swin run with its optimizer: ~0.75 GB each, times every preemption). A fresh run adopts
+    nothing; files ahead of a resumed run (another run's) are left alone, never rotated away."""
     saver_class = _bundle_target(bundle, "train", "checkpoint_saver")
     net = torch.nn.Linear(2, 2)
     optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
@@ -113,11 +113,12 @@ def test_a_resumed_run_goes_on_rotating_the_interrupted_runs_checkpoints(bundle,
                            n_saved=2,
                            epoch_level=epoch_level)
 
+    torch.save({"model": {}}, tmp_path / f"checkpoint_{unit}=0.pt")  # another run's: a fresh run leaves it alone
     first = _engine()
     saver().attach(first)
     first.run([0], max_epochs=3)  # interrupted after epoch 3 (one iteration per epoch)
     torch.save({"model": {}}, tmp_path / f"checkpoint_{unit}=9.pt")  # ahead of this run: not its to rotate
-    assert sorted(os.listdir(tmp_path)) == [f"checkpoint_{unit}={i}.pt" for i in (2, 3, 9)]
+    assert sorted(os.listdir(tmp_path)) == [f"checkpoint_{unit}={i}.pt" for i in (0, 2, 3, 9)]
 
     resumed = _engine()
     saver().attach(resumed)

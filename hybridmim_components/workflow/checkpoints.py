@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+from ignite.engine import Events
 from ignite.handlers.checkpoint import BaseSaveHandler, Checkpoint
 from monai.handlers import CheckpointSaver
 
@@ -134,6 +135,7 @@ class CrashSafeCheckpointSaver(CheckpointSaver):
         super().__init__(*args, **kwargs)
         self.key_metric_min_epoch = int(key_metric_min_epoch)
         self._adopted_earlier = False
+        self._resumed = False  # set at the start of a run: did it start from a checkpoint?
         fixed = {"_final_checkpoint": self._final_filename,
                  "_key_metric_checkpoint": kwargs.get("key_metric_filename"),
                  "_interval_checkpoint": None}
@@ -142,13 +144,22 @@ class CrashSafeCheckpointSaver(CheckpointSaver):
             if checkpoint is not None:
                 checkpoint.save_handler = AtomicDiskSaver(self.save_dir, filename=filename)
 
+    def attach(self, engine) -> None:
+        super().attach(engine)
+        if self._interval_checkpoint is not None:
+            # runs after the resume loader (ResumeFromLatestCheckpoint puts itself first): a resumed run starts > 0
+            engine.add_event_handler(Events.STARTED, self._note_start)
+
+    def _note_start(self, engine) -> None:
+        self._resumed = engine.state.iteration > 0
+
     def interval_completed(self, engine) -> None:
-        if not self._adopted_earlier:
+        if self._resumed and not self._adopted_earlier:
             self._adopt_earlier_checkpoints(engine)
         super().interval_completed(engine)
 
     def _adopt_earlier_checkpoints(self, engine) -> None:
-        """Before the first interval save of a run: put this saver's interval checkpoints already in ``save_dir``
+        """Before the first interval save of a resumed run: put this saver's interval checkpoints already in ``save_dir``
         that are behind the run (``…_epoch=N.pt`` with N below the current epoch, or ``…_iteration=N.pt``) into
         ignite's rotation list, so that a resumed run deletes the interrupted run's files as it would have (a fresh
         saver knows none and would leave ``n_saved`` full checkpoints behind at every resume). Files at or ahead of
@@ -167,6 +178,8 @@ class CrashSafeCheckpointSaver(CheckpointSaver):
                    if (m := pattern.fullmatch(f)) and f not in known and int(m.group(1)) < now]
         if earlier:
             checkpoint._saved = sorted([*checkpoint._saved, *earlier], key=lambda item: item.priority)
+            while len(checkpoint._saved) > checkpoint.n_saved:  # ignite drops one per save: drop the surplus now
+                checkpoint.save_handler.remove(checkpoint._saved.pop(0).filename)  # deleted after the next write
             logger.info(f"interval checkpoints of the interrupted run in '{self.save_dir}' "
                         f"({', '.join(sorted(item.filename for item in earlier))}) rotate as this run's "
                         f"(n_saved={checkpoint.n_saved}).")
@@ -254,7 +267,6 @@ class ResumeFromLatestCheckpoint:
     def attach(self, engine) -> None:
         if not self.enabled:
             return
-        from ignite.engine import Events
         from monai.handlers import CheckpointLoader
 
         self.path = latest_checkpoint(self.ckpt_dir, self.prefix)
