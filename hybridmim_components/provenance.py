@@ -28,6 +28,8 @@ import math
 import os
 from collections.abc import Mapping
 
+from hybridmim_components.atomic_files import atomic_open
+
 __all__ = [
     "PROVENANCE_FORMAT",
     "PreprocessingMismatchError",
@@ -75,8 +77,6 @@ def read_provenance(weights: str | os.PathLike) -> dict | None:
 
 def write_provenance(weights: str | os.PathLike, record: Mapping) -> str:
     """Write ``record`` beside ``weights`` atomically (a reader never sees half a file); returns the path."""
-    from hybridmim_components.atomic_files import atomic_open
-
     path = provenance_path(weights)
     with atomic_open(path, "w") as f:
         json.dump(_plain(record), f, indent=2, sort_keys=True)

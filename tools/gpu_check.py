@@ -33,7 +33,7 @@ import statistics
 import sys
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -142,13 +142,14 @@ def train_setting(parts: dict, device: torch.device, precision: str, warmup: int
     def update() -> None:
         """One optimizer step, skipped when a gradient is NaN/inf (as the bundles' ``NonFiniteLossGuard`` does): an
         unguarded step would turn every weight into NaN and every later loss with it. fp16: ``GradScaler`` skips."""
-        grads = [p.grad for p in network.parameters() if p.grad is not None]
         if scaler is not None:
             scale = scaler.get_scale()
             scaler.step(optimizer)
             scaler.update()
             skipped[0] += scaler.get_scale() < scale  # the scale drops exactly when the step was skipped
-        elif not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):  # one sync
+            return
+        grads = [p.grad for p in network.parameters() if p.grad is not None]
+        if not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):  # one sync
             optimizer.step()
         else:
             skipped[0] += 1
