@@ -105,13 +105,9 @@ def source_hash(image) -> str:
     return hashes[0] if len(hashes) == 1 else hashlib.sha256("".join(hashes).encode()).hexdigest()
 
 
-def _write_atomic(path: str, write) -> None:
-    with atomic_open(path, "wb") as f:  # a kill leaves the old file or none, never half of one
-        write(f)
-
-
 def _write_json(path: str, obj) -> None:
-    _write_atomic(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
+    with atomic_open(path, "w", encoding="utf-8") as f:  # a kill leaves the old file or none, never half of one
+        json.dump(obj, f, indent=1)
 
 
 def preprocess_one(image, store_dir: str, cid: str, fingerprint: str, sha256: Optional[str] = None) -> Dict[str, Any]:
@@ -130,7 +126,8 @@ def preprocess_one(image, store_dir: str, cid: str, fingerprint: str, sha256: Op
         if not np.isfinite(array).all():
             raise ValueError("non-finite voxels after preprocessing")
         rel = os.path.join("volumes", f"{cid}.npy")
-        _write_atomic(os.path.join(store_dir, rel), lambda f: np.save(f, array))
+        with atomic_open(os.path.join(store_dir, rel), "wb") as f:
+            np.save(f, array)
         record = {
             "id": cid,
             "source": image,
