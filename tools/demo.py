@@ -46,6 +46,7 @@ from tools.bundles.bundle_runner import (  # noqa: E402
     validation_handler_index,
 )
 from tools.data import fetch_demo_ct  # noqa: E402
+from tools.common.pictures import axial, region_offset  # noqa: E402
 
 PRETRAIN = "hybridmim_unet_pretrain"
 FINETUNE = {"spleen": "hybridmim_unet_msd_spleen", "btcv": "hybridmim_unet_btcv"}
@@ -127,11 +128,6 @@ def inference_overrides(args, run_dir: str, ckpt_dir: str, roi_size, extra: dict
 
 # ----------------------------------------------------------------------------------------------------- measuring
 # ------------------------------------------------------------------------------------------------------- pictures
-def _axial(volume: np.ndarray, z: int) -> np.ndarray:
-    """``X×Y×Z`` (RAS) -> slice ``z`` in radiological view: anterior up, the patient's right on the image's left."""
-    return np.flipud(volume[:, :, z].T)[:, ::-1]
-
-
 def _save_panels(path: str, panels: list, z: int, title: str) -> None:
     """One row of axial slices ``z``: ``panels`` = ``[(name, grey volume in [0, 1], label volume or None), ...]``."""
     import matplotlib
@@ -141,9 +137,9 @@ def _save_panels(path: str, panels: list, z: int, title: str) -> None:
 
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.6))
     for ax, (name, grey, labels) in zip(axes, panels):
-        ax.imshow(_axial(grey, z), cmap="gray", vmin=0, vmax=1)
+        ax.imshow(axial(grey, z), cmap="gray", vmin=0, vmax=1)
         if labels is not None:
-            overlay = np.ma.masked_equal(_axial(labels, z), 0)
+            overlay = np.ma.masked_equal(axial(labels, z), 0)
             ax.imshow(overlay, cmap="tab20", vmin=0, vmax=19, alpha=0.55, interpolation="nearest")
         ax.set_title(name, fontsize=9)
         ax.axis("off")
@@ -323,8 +319,6 @@ def main(argv=None) -> int:
     masked_path = find_output(os.path.join(pre_dir, "predictions"), "pool_aorta_ct_top", "masked")
     recon_path = find_output(os.path.join(pre_dir, "predictions"), "pool_aorta_ct_top", "reconstruction")
     original_path = find_output(os.path.join(pre_dir, "predictions"), "pool_aorta_ct_top", "original")
-    from tools.experiments.visualize_reconstruction import region_offset
-
     masked_img, recon_img = nib.load(masked_path), nib.load(recon_path)
     reconstruction_png(rec_png, np.asarray(masked_img.dataobj, np.float32),
                        np.asarray(nib.load(original_path).dataobj, np.float32),

@@ -42,6 +42,7 @@ if __package__ in (None, ""):  # run as a file: make ``tools`` importable
 import numpy as np  # noqa: E402
 
 from tools import demo  # noqa: E402
+from tools.common.pictures import axial  # noqa: E402
 from tools.bundles.bundle_runner import (  # noqa: E402
     StageFailed,
     device_overrides,
@@ -557,7 +558,7 @@ def plot_overlays(path: str, rows: list[dict], fold_list: list[folds_mod.Fold], 
     fig, axes = plt.subplots(1, max(1, len(cases)), figsize=(3.3 * max(1, len(cases)), 3.9), squeeze=False)
     for ax, (pid, ct, gtv, pre, scr) in zip(axes[0], cases):
         z = int(round(np.argwhere(gtv)[:, 2].mean())) if gtv.any() else ct.shape[2] // 2
-        view = [demo._axial(v, z) for v in (ct, gtv, pre, scr)]
+        view = [axial(v, z) for v in (ct, gtv, pre, scr)]
         rows_, cols = np.nonzero(view[1]) if view[1].any() else (np.array([ct.shape[1] // 2]),
                                                                   np.array([ct.shape[0] // 2]))
         margin = 40

@@ -9,12 +9,19 @@ the PNG is written with zlib.
 """
 from __future__ import annotations
 
+import os
 import struct
+import sys
 import zlib
 
-import fire
-import nibabel as nib
-import numpy as np
+if __package__ in (None, ""):  # run as a file: make ``tools`` importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+import fire  # noqa: E402
+import nibabel as nib  # noqa: E402
+import numpy as np  # noqa: E402
+
+from tools.common.pictures import region_offset  # noqa: E402
 
 
 def write_png(path: str, gray: np.ndarray) -> None:
@@ -32,12 +39,6 @@ def write_png(path: str, gray: np.ndarray) -> None:
         f.write(chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)))
         f.write(chunk(b"IDAT", zlib.compress(rows, 6)))
         f.write(chunk(b"IEND", b""))
-
-
-def region_offset(masked_affine: np.ndarray, recon_affine: np.ndarray) -> tuple[int, int, int]:
-    """Voxel index, in the masked crop, of the reconstruction's first voxel."""
-    index = np.linalg.inv(masked_affine) @ recon_affine[:, 3]
-    return tuple(int(round(v)) for v in index[:3])
 
 
 def to_uint8(values: np.ndarray, low: float, high: float) -> np.ndarray:
