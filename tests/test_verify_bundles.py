@@ -16,7 +16,6 @@ import pytest
 from tools.bundles import verify_bundles as vb
 
 BUNDLES = vb.list_bundles(vb.BUNDLES_DIR)
-HAS_SCHEMA = os.path.isfile(vb.DEFAULT_SCHEMA)
 
 
 def test_twelve_bundles_found():
@@ -24,7 +23,6 @@ def test_twelve_bundles_found():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not HAS_SCHEMA, reason=f"metadata schema not found at {vb.DEFAULT_SCHEMA}")
 def test_every_bundle_passes_every_check(tmp_path):
     results = vb.verify_bundles(workdir=str(tmp_path))
     table = vb.format_table(results)
@@ -93,6 +91,30 @@ def test_broken_torchscript_is_reported(tmp_path):
     results = vb.verify_bundles([name], bundles_dir=str(bundles_dir), checks=("torchscript",), workdir=str(tmp_path))
     assert [(r.bundle, r.check, r.status) for r in results] == [(name, "torchscript", "fail")]
     assert "Missing key" in results[0].detail or "Unexpected key" in results[0].detail, results[0].detail
+
+
+def test_metadata_schema_ships_with_the_repository(tmp_path):
+    """The schema lives inside the repository (a fresh clone validates metadata offline; nothing skips without a
+    ../shared beside it), its bytes are the published file's, its origin and licence are noted beside it, and every
+    bundle's metadata names it and validates against it."""
+    import hashlib
+
+    from monai.bundle import verify_metadata
+
+    schema = os.path.realpath(vb.DEFAULT_SCHEMA)
+    assert schema.startswith(os.path.realpath(vb.REPO_ROOT) + os.sep), schema
+    with open(schema, "rb") as f:
+        assert hashlib.sha256(f.read()).hexdigest() == vb.SCHEMA_SHA256
+    with open(os.path.join(os.path.dirname(schema), "README.md"), encoding="utf-8") as f:
+        notice = f.read()
+    assert "Apache License 2.0" in notice and "MONAI-extra-test-data" in notice and vb.SCHEMA_SHA256 in notice
+    copy = tmp_path / "schema.json"  # verify_metadata may write beside the schema: never into the repository
+    shutil.copy(schema, copy)
+    for name in BUNDLES:
+        meta = os.path.join(vb.BUNDLES_DIR, name, "configs", "metadata.json")
+        with open(meta, encoding="utf-8") as f:
+            assert json.load(f)["schema"].endswith("/" + os.path.basename(schema)), name
+        verify_metadata(meta_file=meta, filepath=str(copy))
 
 
 def test_missing_schema_is_a_usage_error(tmp_path, capsys):

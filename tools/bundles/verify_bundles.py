@@ -26,7 +26,10 @@ By default the networks are shrunk (``--feature_size 12`` / ``--features [4,4,8,
 CPU in about a minute; ``--full_width`` keeps the bundles' defaults (GPU-sized).
 
     python tools/bundles/verify_bundles.py                                   # all bundles under bundles/
-    python tools/bundles/verify_bundles.py --bundles hybridmim_unet_btcv --schema /path/to/meta_schema_20240725.json
+    python tools/bundles/verify_bundles.py --bundles hybridmim_unet_btcv --schema /path/to/another_schema.json
+
+The schema is vendored in ``tools/bundles/schema/`` (its origin and licence are noted there); ``--schema`` only
+points the check at another copy.
 
 Exit status: 0 when no check failed, 1 when any failed, 2 on bad arguments (e.g. no schema file).
 """
@@ -45,7 +48,9 @@ from dataclasses import dataclass
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BUNDLES_DIR = os.path.join(REPO_ROOT, "bundles")
-DEFAULT_SCHEMA = os.path.join(os.path.dirname(REPO_ROOT), "shared", "schemas", "meta_schema_20240725.json")
+# the schema configs/metadata.json names, vendored (Apache-2.0, MONAI-extra-test-data 0.8.1; see schema/README.md)
+DEFAULT_SCHEMA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "schema", "meta_schema_20240725.json")
+SCHEMA_SHA256 = "d95c74c2915faef04ff6a2d6bd865da922bc8cd5afb4a0719b2dc6e1220528e7"  # of the published file
 
 CHECKS = ("files", "version", "metadata", "properties_train", "properties_inference", "net_in_out", "torchscript")
 NET_ID = "network_def"  # the zoo's _get_net_id for every bundle but two generative ones
