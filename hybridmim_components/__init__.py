@@ -18,4 +18,5 @@ from .masking import HierarchicalMask, HierarchicalMaskd, masked_voxels_in_regio
 from .networks import HybridMIMNet, HybridMIMSwinUNETR, HybridMIMUNet
 from .transfer import PretrainedWeightsError, extract_state_dict, load_pretrained_weights
 
-__version__ = "0.1.0"
+# the release version, the one source of it (setup.cfg reads it statically; semantic versioning, CHANGELOG.md)
+__version__ = "0.2.0"
