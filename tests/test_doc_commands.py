@@ -7,7 +7,8 @@
    ``run(...)``: a test below runs the documented text through ``shlex.split``, with ``/data`` replaced by generated
    data in tmp_path, ``$PWD`` by the working directory, ``python`` by this interpreter, and the listed tiny overrides
    appended; or to ``covered_by(...)``: the test (or ``.ci/run`` step) that covers it, and why it is not run here.
-   A new documented command that matches no entry fails :func:`test_every_documented_command_is_covered`.
+   A new documented command that matches no entry fails :func:`test_every_documented_command_is_covered`. A command
+   shown both in the README and on its docs/ page runs once, where it first appears (README.md, then docs/*.md).
 
 Commands run in a scratch copy of the checkout (``tools`` linked, the bundles they write into copied), never in the
 repository itself.
@@ -190,7 +191,7 @@ COVERAGE: List[Tuple[str, object]] = [
                                                      expect='pip install -q -e ".[test]"')),
     (r'\.: pip install -e "\.\[test\]"', covered_by(".ci/run", "CI's install step", expect='pip install -q -e ".[test]"')),
     (r"\.: python -m pytest -n 2 tests", covered_by(".ci/run", "CI's test step", expect="-m pytest -n 2 tests")),
-    # ---- MONAI Label (README "Running a bundle on your data", 5) --------------------------------------------------
+    # ---- MONAI Label (docs/running.md "MONAI Label") ---------------------------------------------------------------
     (r"\.: pip install --no-deps -r tools/monailabel/requirements\.txt", covered_by(
         ".ci/run", "CI installs the same file into both environments",
         expect="pip install -q --no-deps -r tools/monailabel/requirements.txt")),
@@ -203,7 +204,7 @@ COVERAGE: List[Tuple[str, object]] = [
         "tests/test_demo.py::test_demo_runs_and_reports_pretext_metrics_dice_and_pictures",
         "the defaults take minutes (the README reports a measured run); the test runs the same script on the same "
         "real CT with 4 pretraining and 2 finetuning steps")),
-    # ---- datalists (README "Running a bundle on your data", 1) --------------------------------------------------
+    # ---- datalists (README "Running a bundle on your data", 1; DICOM: docs/running.md) ---------------------------
     (rf"\.: {PREP} btcv /data/btcv", run("datalist", expect=["training 24, validation 6, testing 2"])),
     (rf"\.: {PREP} msd /data/Task09_Spleen", run("datalist", expect=["training 4, validation 1, testing 2"])),
     (rf"\.: {PREP} brats /data/BraTS2020", run("datalist", expect=["training 4, validation 1"])),
@@ -212,14 +213,14 @@ COVERAGE: List[Tuple[str, object]] = [
      run("datalist", expect=["excluded 1 file(s)", "copy_of_btcv_0035.nii.gz", "training 2, validation 1"])),
     (r"\.: python tools/data/rtstruct_to_nifti\.py --series /data/pat1/CT .*",
      run("rtstruct", creates=["pat1_ct.nii.gz", "pat1_gtv.nii.gz"])),
-    # ---- pretrain and finetune (README 2, 3), sharing weights: one chain, in document order (slow) ---------------
+    # ---- pretrain, finetune (README 2, 3), "Share a trained bundle": one chain, in document order (slow) --------
     (rf"{PRETRAIN}: {BUNDLE_RUN} --config_file configs/train\.json --dataset_dir /data",
      run("bundles", PRETRAIN_TINY, expect=["Epoch[1] Complete"], creates=["models/model.pt"])),
     (rf"{PRETRAIN}: torchrun --nproc_per_node=\d+ -m monai\.bundle run --config_file "
      r"\"\['configs/train\.json','configs/multi_gpu_train\.json'\]\" --dataset_dir /data",
      covered_by(f"{T_PRETRAIN}::test_pretrain_multi_gpu_config_two_cpu_processes",
                 "needs several GPUs; the test runs the same two configs under torchrun with 2 CPU processes (gloo)")),
-    # ---- several nodes, GPU check, step cost (README "Several GPUs and nodes") ------------------------------------
+    # ---- several GPUs and nodes, GPU check, step cost (README, docs/multi_gpu.md) ---------------------------------
     (rf"{PRETRAIN}: torchrun --nnodes \d+ --nproc_per_node \d+ --rdzv_backend c10d --rdzv_endpoint \S+:\d+ "
      r"--rdzv_id \S+ -m monai\.bundle run --config_file \"\['configs/train\.json','configs/multi_gpu_train\.json'\]\" "
      r"--dataset_dir /data",
@@ -259,7 +260,7 @@ COVERAGE: List[Tuple[str, object]] = [
      r"--dataset_dir /data/Task09_Spleen --pretrained_path downloaded/hybridmim_unet_pretrain",
      run("bundles", FINETUNE_TINY, expect=["pretrained weights downloaded/hybridmim_unet_pretrain/models/model.pt",
                                            "sha256 ", "unexpected: 0", "Epoch[1] Complete"])),
-    # ---- pretraining on a large pool (README "Pretraining on a large pool") -----------------------------------------
+    # ---- pretraining on a large pool (README, docs/pool_store.md) --------------------------------------------------
     (r"\.: python tools/data/preprocess_pool\.py bundles/hybridmim_swin_pretrain /data/pool_store --dataset_dir /data",
      covered_by("tests/test_pool_store.py::test_a_corrupt_file_is_named_and_skipped_and_the_rest_stored",
                 "the test runs the same command line (main) on generated CTs with a tiny crop override", help=True)),
@@ -276,7 +277,7 @@ COVERAGE: List[Tuple[str, object]] = [
      covered_by("tests/test_pool_store.py::test_the_benchmark_runs_at_a_tiny_size",
                 "writes a 21 GB simulated pool and runs for tens of minutes; the test runs it on 3 tiny CTs",
                 help=True)),
-    # ---- CPU inference with ONNX (README) ----------------------------------------------------------------------------
+    # ---- CPU inference with ONNX (README, docs/onnx.md) -------------------------------------------------------------
     (rf"{BTCV}: python -m monai\.bundle onnx_export network_def --filepath models/model\.onnx "
      r"--ckpt_file models/model\.pt .*--input_shape \"\[2, 1, 96, 96, 96\]\" --converter_kwargs .*",
      covered_by("tests/test_onnx_export.py::test_onnx_export_and_parity",
@@ -296,6 +297,7 @@ COVERAGE: List[Tuple[str, object]] = [
         f"{T_EXPERIMENTS}::test_label_efficiency_end_to_end_is_reproducible_and_resumes",
         "the small preset trains several bundles (minutes); the test runs it with fewer fractions and seeds",
         help=True)),
+    # ---- starting from public weights (README, docs/public_weights.md) -------------------------------------------
     (rf"\.: {BUNDLE_RUN} --config_file bundles/hybridmim_swin_(btcv|pretrain)/configs/train\.json --dataset_dir \S+ "
      r"--pretrained_path /weights/model_swinvit\.pt --pretrained_scope encoder --downsample merging_legacy",
      covered_by(["tests/test_public_weights_cli.py::test_pretraining_warm_starts_from_each_public_swin_layout",
@@ -332,10 +334,12 @@ def coverage_of(command: Command):
 
 
 def commands_of(group: str) -> List[Tuple[Command, Run]]:
-    out = []
+    """The group's commands in document order, each (working dir and text) once: where it first appears."""
+    out, seen = [], set()
     for command in doc_commands():
         found = coverage_of(command)
-        if found and isinstance(found[2], Run) and found[2].group == group:
+        if found and isinstance(found[2], Run) and found[2].group == group and command.key not in seen:
+            seen.add(command.key)
             out.append((command, found[2]))
     return out
 
@@ -412,6 +416,17 @@ def test_parser_joins_continuations_strips_comments_splits_and_follows_cd():
         ("bundles/b", "python z.py#not-a-comment", 5),
         (".", "python w.py", 11),
     ]
+
+
+def test_a_command_documented_in_the_readme_and_a_docs_page_runs_once(monkeypatch):
+    """The README's short block and its docs/ page may show the same command: the run groups run it once, where it
+    first appears (README.md, then docs/*.md in name order)."""
+    block = "```bash\ncd bundles/x\npython tools/data/prepare_datalist.py btcv  /data/btcv\n```\n"
+    commands = parse_commands(block, "README.md") + parse_commands("text\n" + block, "docs/page.md")
+    assert [c.key for c in commands] == ["bundles/x: python tools/data/prepare_datalist.py btcv /data/btcv"] * 2
+    commands = [Command(c.file, c.line, ".", c.text) for c in commands]  # as the README's datalist block
+    monkeypatch.setattr(sys.modules[__name__], "doc_commands", lambda: commands)
+    assert [(c.file, c.line) for c, _ in commands_of("datalist")] == [("README.md", 3)]
 
 
 def test_every_documented_command_is_covered():
@@ -550,7 +565,7 @@ def test_documented_entry_points_answer_help():
 
 @pytest.mark.slow
 def test_bundle_commands_run_as_written(tmp_path):
-    """README 2, 3 and "Sharing pretrained weights", in order: pretrain the UNet bundle on a synthetic pool, finetune
+    """README 2, 3 and "Share a trained bundle", in order: pretrain the UNet bundle on a synthetic pool, finetune
     the BTCV bundle from it (default pretrained_path: the sibling bundle's model.pt) and from scratch, evaluate,
     infer; pack the pretraining bundle, download it with MONAI's CLI, finetune the spleen bundle from the download."""
     from tools.data.make_demo_data import make_ct_dataset, make_unlabeled_ct_pool

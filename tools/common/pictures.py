@@ -15,6 +15,6 @@ def region_offset(masked_affine: np.ndarray, recon_affine: np.ndarray) -> tuple[
 
 
 def axial(volume: np.ndarray, z: int) -> np.ndarray:
-    """``X×Y×Z`` (RAS) -> slice ``z`` as ``Y×X`` in radiological view: anterior up, the patient's right on the image's
-    left."""
+    """``X×Y×Z`` (RAS) -> slice ``z`` as ``Y×X`` in radiological view: anterior up, the patient's right on the
+    image's left."""
     return np.flipud(volume[:, :, z].T)[:, ::-1]
