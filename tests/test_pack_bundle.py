@@ -29,6 +29,10 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAME = "hybridmim_unet_pretrain"
 SOURCE_BUNDLE = os.path.join(REPO_ROOT, "bundles", NAME)
 FEATURES = [4, 4, 8, 8, 16, 4]
+with open(os.path.join(SOURCE_BUNDLE, "configs", "metadata.json")) as _f:
+    SOURCE_VERSION = json.load(_f)["version"]  # the generated bundle's version (the package release's)
+_MAJOR, _MINOR, _PATCH = (int(p) for p in SOURCE_VERSION.split("."))
+NEXT_PATCH, NEXT_MINOR = f"{_MAJOR}.{_MINOR}.{_PATCH + 1}", f"{_MAJOR}.{_MINOR + 1}.0"  # what a user's re-pack names
 
 
 def sha256_of(path) -> str:
@@ -96,7 +100,7 @@ def finetune_unet(out_channels: int = 2) -> BasicUNet:
 @pytest.fixture
 def downloaded(trained_bundle, tmp_path):
     """Pack through the CLI and download through MONAI's CLI: ``(downloaded bundle folder, zip path)``."""
-    zip_path = tmp_path / "dist" / f"{NAME}_v0.1.0.zip"
+    zip_path = tmp_path / "dist" / f"{NAME}_v{SOURCE_VERSION}.zip"
     text = assert_ok(run(sys.executable, "tools/bundles/pack_bundle.py", str(trained_bundle), "--output", str(zip_path)),
                      "pack_bundle")
     assert str(zip_path) in text and "monai.bundle download" in text  # tells the user how to get it back
@@ -164,29 +168,29 @@ def test_corrupted_weights_are_refused_naming_the_file_and_both_hashes(downloade
 # ------------------------------------------------------------------------------------------------------ pack options
 def test_version_bump_adds_changelog_line_and_leaves_the_source_alone(trained_bundle, tmp_path):
     source_meta = (trained_bundle / "configs" / "metadata.json").read_text()
-    out = pack_bundle(str(trained_bundle), version="0.2.0", changelog="pretrained on 10 CT volumes",
+    out = pack_bundle(str(trained_bundle), version=NEXT_MINOR, changelog="pretrained on 10 CT volumes",
                       output=str(tmp_path / "b.zip"))
     assert out == str(tmp_path / "b.zip")
     with zipfile.ZipFile(out) as zf:
         meta = json.loads(zf.read(f"{NAME}/configs/metadata.json"))
-    assert meta["version"] == "0.2.0"
-    assert list(meta["changelog"].items())[0] == ("0.2.0", "pretrained on 10 CT volumes")  # newest first
-    assert meta["changelog"]["0.1.0"] == json.loads(source_meta)["changelog"]["0.1.0"]
+    assert meta["version"] == NEXT_MINOR
+    assert list(meta["changelog"].items())[0] == (NEXT_MINOR, "pretrained on 10 CT volumes")  # newest first
+    assert meta["changelog"][SOURCE_VERSION] == json.loads(source_meta)["changelog"][SOURCE_VERSION]
     assert (trained_bundle / "configs" / "metadata.json").read_text() == source_meta
 
 
 def test_default_output_is_named_after_bundle_and_version(trained_bundle, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    out = pack_bundle(str(trained_bundle), version="0.1.1")
-    assert os.path.abspath(out) == str(tmp_path / f"{NAME}_v0.1.1.zip")
+    out = pack_bundle(str(trained_bundle), version=NEXT_PATCH)
+    assert os.path.abspath(out) == str(tmp_path / f"{NAME}_v{NEXT_PATCH}.zip")
     with zipfile.ZipFile(out) as zf:
         meta = json.loads(zf.read(f"{NAME}/configs/metadata.json"))
-    assert meta["version"] == "0.1.1" and "sha256" in meta["changelog"]["0.1.1"]  # default changelog line
+    assert meta["version"] == NEXT_PATCH and "sha256" in meta["changelog"][NEXT_PATCH]  # default changelog line
 
 
-@pytest.mark.parametrize("version", ["0.1.0", "0.0.9", "v2", "1.2"])
+@pytest.mark.parametrize("version", [SOURCE_VERSION, "0.0.9", "v2", "1.2"])
 def test_version_must_be_newer_semver(trained_bundle, tmp_path, version):
-    with pytest.raises(ValueError, match=f"--version {version}.*0.1.0"):
+    with pytest.raises(ValueError, match=f"--version {version}.*{SOURCE_VERSION}"):
         pack_bundle(str(trained_bundle), version=version, output=str(tmp_path / "b.zip"))
 
 

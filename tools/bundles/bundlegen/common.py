@@ -6,11 +6,39 @@ them; ``tests/test_generate_bundles.py`` checks that the committed bundles match
 """
 from __future__ import annotations
 
-COLLECTION_VERSION = "0.1.0"
+import ast
+import os
+
+PACKAGE_NAME = "hybridmim-components"  # the distribution the bundles import (hybridmim_components)
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+PACKAGE_INIT = os.path.join(_REPO_ROOT, "hybridmim_components", "__init__.py")
+
+
+def package_version(init_path: str = PACKAGE_INIT) -> str:
+    """``hybridmim_components.__version__``, read from its source as setuptools reads it (the generator imports
+    neither the package nor torch)."""
+    with open(init_path, encoding="utf-8") as f:
+        tree = ast.parse(f.read(), filename=init_path)
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "__version__" for t in node.targets):
+            return str(ast.literal_eval(node.value))
+    raise ValueError(f"{init_path}: no `__version__ = \"X.Y.Z\"` assignment (the package's one version source).")
+
+
+PACKAGE_VERSION = package_version()
+# the bundles are released with the package: one version for both; every version needs a changelog line (newest first)
+COLLECTION_VERSION = PACKAGE_VERSION
+CHANGELOG = {
+    "0.2.0": f"requires {PACKAGE_NAME} 0.2.0, named in required_packages_version (a released wheel; see its "
+             "CHANGELOG.md)",
+    "0.1.0": "first release of the HybridMIM bundle collection",
+}
 MONAI_VERSION = "1.6.1"
 PYTORCH_VERSION = "2.13.0"
 NUMPY_VERSION = "2.4.6"
-REQUIRED_PACKAGES = {"nibabel": "5.4.2", "pytorch-ignite": "0.5.5", "itk": "5.4.7", "tensorboard": "2.21.0"}
+# the model zoo's CI installs each entry as `pip install name==version`: bare versions, not specifiers
+REQUIRED_PACKAGES = {PACKAGE_NAME: PACKAGE_VERSION, "nibabel": "5.4.2", "pytorch-ignite": "0.5.5", "itk": "5.4.7",
+                     "tensorboard": "2.21.0"}
 SCHEMA_URL = (
     "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20240725.json"
 )
@@ -93,7 +121,7 @@ def metadata_header(description: str, task: str) -> dict:
     return {
         "schema": SCHEMA_URL,
         "version": COLLECTION_VERSION,
-        "changelog": {COLLECTION_VERSION: "first release of the HybridMIM bundle collection"},
+        "changelog": dict(CHANGELOG),
         "monai_version": MONAI_VERSION,
         "pytorch_version": PYTORCH_VERSION,
         "numpy_version": NUMPY_VERSION,
