@@ -26,5 +26,6 @@ from .pool_store import PoolRandCropSamplesd, pool_store_entries
 from .pretrain import PrepareMIMBatch, loss_terms_transform
 from .previews import MIMPreviewHandler, SaveMIMOutputs
 from .progress import TrainProgressBar
+from .run_identity import RunIdentity, datalist_identity
 from .seeding import RandomStates, ReseedHandler
 from .serving import PathSafeSpacingd

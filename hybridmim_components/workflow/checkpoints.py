@@ -29,6 +29,8 @@ from monai.handlers import CheckpointSaver
 from hybridmim_components.atomic_files import atomic_open
 from hybridmim_components.transfer import extract_state_dict
 
+from .run_identity import RunIdentity
+
 __all__ = [
     "latest_checkpoint",
     "AtomicDiskSaver",
@@ -43,25 +45,39 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-def _progress(path: str) -> tuple[int, float] | None:
-    """``(trainer iteration, modification time)`` of a full checkpoint, or ``None`` (logged) when unreadable."""
+def _progress(path: str) -> tuple[int, float, dict | None] | None:
+    """``(trainer iteration, modification time, run identity record or None)`` of a full checkpoint, or ``None``
+    (logged) when unreadable."""
     try:
-        # mmap: only the small trainer record is read, not gigabytes of network and optimizer tensors
+        # mmap: only the small trainer and identity records are read, not gigabytes of network and optimizer tensors
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         iteration = int(state["trainer"]["iteration"])
     except Exception as err:  # a truncated or foreign file: report it and try the next one
         logger.warning(f"full checkpoint '{path}' is unreadable or holds no trainer state ({type(err).__name__}: "
                        f"{err}): skipped.")
         return None
-    return iteration, os.path.getmtime(path)
+    identity = state.get("run_identity") if isinstance(state.get("run_identity"), Mapping) else None
+    return iteration, os.path.getmtime(path), identity
 
 
-def latest_checkpoint(ckpt_dir: str | None, prefix: str = "checkpoint") -> str | None:
-    """The most advanced readable full training checkpoint ``{ckpt_dir}/{prefix}*.pt``, or ``None`` (logged).
+# the config key that continues a run with changed settings on purpose (named in the logs and errors)
+CHANGED_SETTINGS_KEY = "resume_changed_settings"
+
+
+def latest_checkpoint(ckpt_dir: str | None, prefix: str = "checkpoint", identity: RunIdentity | None = None,
+                      resume_changed_settings: bool = False) -> str | None:
+    """The most advanced readable full training checkpoint ``{ckpt_dir}/{prefix}*.pt`` of this run, or ``None``
+    (logged).
 
     Most advanced = the largest trainer iteration stored in the file (a copied folder has new modification times;
     the time only breaks ties). A file that cannot be read (truncated by a kill during an old, non-atomic write) is
     named in a warning and the next one is used. ``model.pt`` (the best weights alone) never matches.
+
+    With ``identity`` (this run's :class:`~hybridmim_components.workflow.run_identity.RunIdentity`), only this run's
+    files are candidates: a file of another run (other data, width, seed, learning rate, ...) is passed over and named
+    with the differing settings; a file of an older version without an identity is a candidate with a warning, after
+    this run's own files. When files exist but none is this run's, the resume stops (``ValueError``) unless
+    ``resume_changed_settings``, which takes the most advanced of them and says so.
     """
     candidates = []
     if ckpt_dir and os.path.isdir(ckpt_dir):
@@ -71,9 +87,42 @@ def latest_checkpoint(ckpt_dir: str | None, prefix: str = "checkpoint") -> str |
     if not readable:
         logger.info(f"no readable full checkpoint {prefix}*.pt in '{ckpt_dir}': nothing to resume from.")
         return None
-    newest = max(readable, key=readable.get)
-    logger.info(f"resuming from full checkpoint '{newest}' (iteration {readable[newest][0]}).")
-    return newest
+    # rank: 2 = this run's, 1 = an older version's file without identity, 0 = another run's (taken only on request)
+    ranked, other_runs = {}, {}
+    for path, (iteration, mtime, saved) in readable.items():
+        if identity is None:
+            ranked[path] = (2, iteration, mtime)
+        elif saved is None:
+            ranked[path] = (1, iteration, mtime)
+        elif not (differences := identity.differences(saved)):
+            ranked[path] = (2, iteration, mtime)
+        else:
+            other_runs[path] = differences
+            if resume_changed_settings:
+                ranked[path] = (0, iteration, mtime)
+    for path, differences in sorted(other_runs.items()):
+        if not resume_changed_settings:
+            logger.warning(f"'{path}' is another run's checkpoint, passed over: " + "; ".join(differences) + ".")
+    if not ranked:
+        raise ValueError(
+            f"resume: '{ckpt_dir}' holds only other runs' full checkpoints: "
+            + " | ".join(f"{os.path.basename(p)}: " + "; ".join(d) for p, d in sorted(other_runs.items()))
+            + f". Resume with the same settings, train elsewhere (another ckpt_dir / bundle_root), or set "
+            f"{CHANGED_SETTINGS_KEY} true to continue that run with these settings."
+        )
+    chosen = max(ranked, key=ranked.get)
+    rank, iteration, _ = ranked[chosen]
+    if rank == 0:
+        logger.warning(f"{CHANGED_SETTINGS_KEY} is true: continuing '{chosen}' (iteration {iteration}) with changed "
+                       "settings: " + "; ".join(other_runs[chosen]) + ".")
+    elif rank == 1:
+        logger.warning(f"'{chosen}' has no run identity (written by an older version): resumed as this run's, its "
+                       "settings cannot be compared with this config.")
+    passed = sorted(p for p in readable if p != chosen and ranked.get(p, (0,))[0] < rank)
+    if passed and rank > 0:
+        logger.info("passed over (not this run's, or older without identity): " + ", ".join(passed) + ".")
+    logger.info(f"resuming from full checkpoint '{chosen}' (iteration {iteration}).")
+    return chosen
 
 
 class AtomicDiskSaver(BaseSaveHandler):
@@ -252,25 +301,48 @@ class ResumeFromLatestCheckpoint:
         enabled: the bundle's ``resume`` flag.
         map_location: passed to ``torch.load`` (``weights_only=True``).
         prefix: file prefix of the full checkpoints.
+        identity: this run's :class:`~hybridmim_components.workflow.run_identity.RunIdentity` (the saver's
+            ``save_dict["run_identity"]``): only this run's checkpoints are resumed (:func:`latest_checkpoint`).
+        resume_changed_settings: continue another run's checkpoint (changed settings on purpose), logged.
     """
 
     def __init__(
-        self, ckpt_dir: str, load_dict: dict, enabled: bool = True, map_location=None, prefix: str = "checkpoint"
+        self, ckpt_dir: str, load_dict: dict, enabled: bool = True, map_location=None, prefix: str = "checkpoint",
+        identity: RunIdentity | None = None, resume_changed_settings: bool = False,
     ) -> None:
         self.ckpt_dir = ckpt_dir
         self.load_dict = {k: ScheduleState(v) if _is_lr_scheduler(v) else v for k, v in load_dict.items()}
         self.enabled = bool(enabled)
         self.map_location = map_location
         self.prefix = prefix
+        self.identity = identity
+        self.resume_changed_settings = bool(resume_changed_settings)
         self.path: str | None = None
+        self._chosen = False
+
+    def checkpoint(self) -> str | None:
+        """The full checkpoint this run resumes from (chosen once), or ``None`` (disabled or nothing to resume)."""
+        if self.enabled and not self._chosen:
+            self.path = latest_checkpoint(self.ckpt_dir, self.prefix, identity=self.identity,
+                                          resume_changed_settings=self.resume_changed_settings)
+            self._chosen = True
+        return self.path
+
+    def skips_pretrained(self, pretrained_path) -> bool:
+        """True (logged) when the run resumes: the checkpoint holds every weight, so ``pretrained_path`` is not
+        loaded (a resume needs nothing outside its own folder; the file may have moved)."""
+        path = self.checkpoint()
+        if path is not None and pretrained_path:
+            logger.info(f"resuming from '{path}': pretrained_path '{pretrained_path}' is not loaded (the checkpoint "
+                        "holds every weight).")
+        return path is not None
 
     def attach(self, engine) -> None:
         if not self.enabled:
             return
         from monai.handlers import CheckpointLoader
 
-        self.path = latest_checkpoint(self.ckpt_dir, self.prefix)
-        if self.path is None:
+        if self.checkpoint() is None:
             logger.warning(f"resume is true but '{self.ckpt_dir}' has no {self.prefix}*.pt: training from scratch.")
             return
         CheckpointLoader(load_path=self.path, load_dict=self.load_dict, map_location=self.map_location).attach(engine)

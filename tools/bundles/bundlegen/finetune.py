@@ -15,6 +15,7 @@ from tools.bundles.bundlegen.common import (WORKFLOW, ADAMW, ATTACH_RANDOM_STATE
                                             metadata_header, preprocessing_record, provenance_recorder,
                                             public_weights_section, ATTACH_PROVENANCE)
 from tools.bundles.bundlegen.figures import performance_section
+from tools.bundles.bundlegen.identity import CHANGED_SETTINGS, loader_keys, run_identity, unless_resuming
 from tools.bundles.bundlegen.onnx import onnx_files, readme_section as onnx_readme_section
 
 __all__ = ["TASKS", "BACKBONES", "bundle_name", "bundles", "build_bundle"]
@@ -448,6 +449,8 @@ def train_config(backbone: str, task: str) -> dict:
         **PRETRAINED_KEYS,
         "label_fraction": 1.0,
         "resume": False,
+        # continue a checkpoint of another run (other settings) on purpose; false: only this run's are resumed
+        **CHANGED_SETTINGS,
         "seed": SEED,
         # read every image and label of the datalist once before caching (corrupt files, channels, label values,
         # NaN/inf); false skips the scan
@@ -548,7 +551,7 @@ def train_config(backbone: str, task: str) -> dict:
         "checkpoint_saver": {
             "_target_": SAVER,
             "save_dir": "@ckpt_dir",
-            "save_dict": dict(FULL_CHECKPOINT),
+            "save_dict": {**FULL_CHECKPOINT, "run_identity": "@train#run_identity"},
             "file_prefix": "",
             "save_interval": "@val_interval",
             "n_saved": 1,
@@ -561,7 +564,15 @@ def train_config(backbone: str, task: str) -> dict:
             "load_dict": dict(FULL_CHECKPOINT),
             "enabled": "$hybridmim_components.workflow.config_flag(@resume, 'resume')",
             "map_location": "@device",
+            **loader_keys(),
         },
+        # what makes this run this run (saved in every full checkpoint; resume continues only the same)
+        "run_identity": run_identity(
+            "$hybridmim_components.workflow.datalist_identity(@dataset_dir, @data_list_file_path, "
+            "label_fraction=@label_fraction)",
+            cfg["network_def"], cfg["loss"], cfg["optimizer"],
+            {"seed": "@seed", "preprocessing": "@preprocessing_record", "num_samples": "@num_samples",
+             "batch_size": "@train#dataloader#batch_size", "warmup_epochs": "@warmup_epochs"}),
     }
     cfg["validate"] = {
         "preprocessing": {"_target_": "Compose", "transforms": "%train#deterministic_transforms"},
@@ -631,7 +642,7 @@ def train_config(backbone: str, task: str) -> dict:
         *_data_check_initialize(task),
         # backbone weights of the pretraining bundle (encoder and decoder; only the last layer starts from scratch);
         # the loader logs its report and stops on weights that do not fit
-        load_pretrained_call("@network_def"),
+        unless_resuming(load_pretrained_call("@network_def")),
         ATTACH_RANDOM_STATES,
         ATTACH_PROVENANCE,
         "$@train#checkpoint_saver.attach(@train#trainer)",
@@ -719,7 +730,7 @@ def multi_gpu_config(backbone: str, task: str) -> dict:
             f"$monai.utils.set_determinism(seed={RANK_SEED})",
             f"$hybridmim_components.workflow.check_roi_size(@roi_size, {BACKBONES[backbone]['roi_multiple']})",
             *_data_check_initialize(task),
-            load_pretrained_call("@network_def"),
+            unless_resuming(load_pretrained_call("@network_def")),
             ATTACH_RANDOM_STATES,
             ATTACH_PROVENANCE,
             "$@train#checkpoint_saver.attach(@train#trainer) if dist.get_rank() == 0 else None",

@@ -22,6 +22,7 @@ from tools.bundles.bundlegen.common import (WORKFLOW, ADAMW, ATTACH_RANDOM_STATE
                                             ATTACH_PROVENANCE)
 from tools.bundles.bundlegen.figures import performance_section
 from tools.bundles.bundlegen import pool
+from tools.bundles.bundlegen.identity import CHANGED_SETTINGS, loader_keys, run_identity, unless_resuming
 
 # one progress bar (with the loss) for both bundle families, listed in train#handlers
 PROGRESS_BAR = {"_target_": "hybridmim_components.workflow.TrainProgressBar"}
@@ -184,6 +185,15 @@ def _train_config(spec: Spec) -> dict:
         "random_states": "@train#random_states",
     }
     val_handlers = _validation_handlers()
+    loss = {
+        "_target_": "hybridmim_components.HybridMIMLoss",
+        "reconstruction_weight": 1.0,
+        "number_weight": 0.1,
+        "location_weight": 0.1,
+        "consistency_weight": 0.01,
+        "contrastive_weight": 0.1,
+        "temperature": 0.5,
+    }
     best_savers = [f"@validate#handlers#{i}" for i, h in enumerate(val_handlers) if h["_target_"] == SAVER]
     return {
         **_head(spec),
@@ -191,6 +201,8 @@ def _train_config(spec: Spec) -> dict:
         # autocast dtype with amp on (MONAI's default float16; bfloat16 on Ampere and newer needs no loss scaling)
         "amp_dtype": "float16",
         "resume": False,
+        # continue a checkpoint of another run (other settings) on purpose; false: only this run's are resumed
+        **CHANGED_SETTINGS,
         # warm start: backbone weights to continue pretraining from (our model.pt, a pretraining bundle folder, or
         # a public checkpoint: Tang et al., model zoo, VoCo, SuPreM, DAE, the authors'); the heads start fresh
         "pretrained_path": None,
@@ -212,15 +224,7 @@ def _train_config(spec: Spec) -> dict:
         "warmup_steps": 500,
         "steps_per_epoch": STEPS_PER_EPOCH,
         "val_interval": 5,
-        "loss": {
-            "_target_": "hybridmim_components.HybridMIMLoss",
-            "reconstruction_weight": 1.0,
-            "number_weight": 0.1,
-            "location_weight": 0.1,
-            "consistency_weight": 0.01,
-            "contrastive_weight": 0.1,
-            "temperature": 0.5,
-        },
+        "loss": loss,
         "optimizer": dict(ADAMW),
         "lr_scheduler": {
             "_target_": "monai.optimizers.WarmupCosineSchedule",
@@ -297,7 +301,7 @@ def _train_config(spec: Spec) -> dict:
             "checkpoint_saver": {
                 "_target_": SAVER,
                 "save_dir": "@ckpt_dir",
-                "save_dict": full_ckpt,
+                "save_dict": {**full_ckpt, "run_identity": "@train#run_identity"},
                 "save_interval": 1,
                 "epoch_level": True,
                 "n_saved": 2,
@@ -321,7 +325,16 @@ def _train_config(spec: Spec) -> dict:
                 "load_dict": full_ckpt,
                 "enabled": "$hybridmim_components.workflow.config_flag(@resume, 'resume')",
                 "map_location": "@device",
+                **loader_keys(),
             },
+            # what makes this run this run (saved in every full checkpoint; resume continues only the same)
+            "run_identity": run_identity(
+                "$hybridmim_components.workflow.datalist_identity(@dataset_dir, @data_list_file_path)",
+                _head(spec)["network_def"], loss, dict(ADAMW),
+                {"seed": "@seed", "preprocessing": "@preprocessing_record", "patch_size": "@patch_size",
+                 "mask_ratio": "@mask_ratio", "mask_value": "@mask_value", "batch_size": "@batch_size",
+                 "samples_per_volume": "@samples_per_volume", "steps_per_epoch": "@steps_per_epoch",
+                 "lr_scheduler#warmup_steps": "@lr_scheduler#warmup_steps"}),
             # skips the optimizer step of a NaN/inf loss, logs it, stops after max_nonfinite_steps in a row;
             # references the trainer's optimizer, so it is attached in `initialize`
             "nonfinite_guard": {
@@ -428,7 +441,7 @@ def _train_initialize(seed: str = "@seed", saver_condition: str = "") -> list:
         "$hybridmim_components.workflow.check_contrastive_batch(@loss#contrastive_weight, @batch_size, "
         "@samples_per_volume)",
         # warm start of the backbone (pretrained_path null: from scratch); a resumed run then loads its checkpoint
-        load_pretrained_call("@network_def.backbone"),
+        unless_resuming(load_pretrained_call("@network_def.backbone")),
         ATTACH_RANDOM_STATES,
         ATTACH_PROVENANCE,
         saver,
