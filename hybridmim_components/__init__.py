@@ -5,6 +5,7 @@ The method lives here, one module per concern: two-level masking (``masking``), 
 (``transfer``); the method's names bundles reference by ``_target_`` are re-exported here. The glue a bundle needs
 around it (data, checks, checkpoints, metrics, handlers) is :mod:`hybridmim_components.workflow`.
 """
+from . import moved
 from .losses import (
     DropoutContrastiveLoss,
     HybridMIMLoss,
@@ -20,3 +21,13 @@ from .transfer import PretrainedWeightsError, extract_state_dict, load_pretraine
 
 # the release version, the one source of it (setup.cfg reads it statically; semantic versioning, CHANGELOG.md)
 __version__ = "0.2.0"
+
+# old paths of moved code keep working, with a HybridMIMDeprecationWarning (the table: moved.py)
+moved.install()
+HybridMIMDeprecationWarning = moved.HybridMIMDeprecationWarning
+
+
+def __getattr__(name: str):
+    """Moved names and modules under their old ``hybridmim_components.<name>`` (``moved.MOVED_NAMES`` /
+    ``MOVED_MODULES``); anything else raises ``AttributeError`` as usual."""
+    return moved.moved_attribute(__name__, name)

@@ -337,6 +337,16 @@ class ResumeFromLatestCheckpoint:
                         "holds every weight).")
         return path is not None
 
+    def _entries_to_load(self) -> dict:
+        """``load_dict`` less the entries the checkpoint lacks whose object can do without them: one with a
+        ``missing_from_checkpoint(path)`` method, called here to say so (``RandomStates``: a checkpoint of an older
+        version). Any other missing entry is left to the loader, which stops naming it."""
+        saved = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True).keys()
+        optional = {k for k, v in self.load_dict.items() if k not in saved and hasattr(v, "missing_from_checkpoint")}
+        for key in sorted(optional):
+            self.load_dict[key].missing_from_checkpoint(self.path)
+        return {k: v for k, v in self.load_dict.items() if k not in optional}
+
     def attach(self, engine) -> None:
         if not self.enabled:
             return
@@ -345,7 +355,8 @@ class ResumeFromLatestCheckpoint:
         if self.checkpoint() is None:
             logger.warning(f"resume is true but '{self.ckpt_dir}' has no {self.prefix}*.pt: training from scratch.")
             return
-        CheckpointLoader(load_path=self.path, load_dict=self.load_dict, map_location=self.map_location).attach(engine)
+        CheckpointLoader(load_path=self.path, load_dict=self._entries_to_load(), map_location=self.map_location
+                         ).attach(engine)
         # ignite runs handlers in the order they were added; the trainer's own handlers (a ValidationHandler with
         # exec_at_start) were added when it was built, before this: move the loader to the front
         started = engine._event_handlers[Events.STARTED]

@@ -163,6 +163,12 @@ class RandomStates:
             return
         self._pending = state_dict["ranks"][rank]
 
+    def missing_from_checkpoint(self, path: str) -> None:
+        """The resumed checkpoint has no random states at all (written by a version before they were saved): logged;
+        the run goes on with fresh draws (called by ``ResumeFromLatestCheckpoint``, which then loads the rest)."""
+        logger.warning(f"'{path}' holds no random states (written by an earlier version): the resume is not exact, "
+                       "the rest of the run draws other crops, masks and dropout than an uninterrupted run would.")
+
     def restore(self, engine: Engine | None = None) -> None:
         """Put back the states loaded from a checkpoint, once (the first epoch of a resumed run)."""
         state, self._pending = self._pending, None

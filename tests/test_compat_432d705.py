@@ -1,0 +1,213 @@
+"""An earlier release keeps working: what commit 432d705 shipped runs with today's package.
+
+Fixtures in ``tests/data/compat_432d705/`` (made from that commit by its ``make_fixtures.sh``): the list of
+``hybridmim_components`` names its twelve bundles reference, a packed and trained ``hybridmim_unet_msd_spleen`` zip,
+and a full training checkpoint of the same run (written before checkpoints held random states).
+
+- Every old name resolves through MONAI's ``ConfigParser`` (``_target_``, ``$`` expressions, ``$import``) to today's
+  object; a moved one warns naming its old and new path, one that still exists does not warn.
+- slow: the zip downloaded with ``monai.bundle download`` runs its ``inference.json`` with today's package.
+- slow: the checkpoint resumes with today's bundle from its stored iteration, saying that the resume is not exact.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.machinery
+import json
+import os
+import pydoc
+import re
+import shutil
+import subprocess
+import sys
+import types
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from hybridmim_components import moved
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURES = os.path.join(REPO_ROOT, "tests", "data", "compat_432d705")
+BUNDLE = "hybridmim_unet_msd_spleen"
+BUNDLE_ZIP = os.path.join(FIXTURES, f"{BUNDLE}_432d705.zip")
+OLD_CHECKPOINT = os.path.join(FIXTURES, "checkpoint_epoch=1.pt")
+# the settings make_fixtures.sh trained with (a packed 0.1.0 bundle's configs still hold the repository defaults)
+TRAINED = {"features": [2, 2, 4, 4, 8, 2], "roi_size": [32, 32, 32], "amp": False}
+
+
+def _old_names() -> list[str]:
+    with open(os.path.join(FIXTURES, "referenced_names.txt"), encoding="utf-8") as f:
+        return [line.strip() for line in f if line.strip() and not line.startswith("#")]
+
+
+OLD_NAMES = _old_names()
+
+
+def _forget_old_names() -> None:
+    """Drop old module names an earlier use imported, so that the next use imports (and warns) again."""
+    for old in moved.MOVED_MODULES:
+        sys.modules.pop(old, None)
+        parent, _, child = old.rpartition(".")
+        if parent in sys.modules:
+            vars(sys.modules[parent]).pop(child, None)
+
+
+def _is_module(path: str) -> bool:
+    return isinstance(pydoc.locate(path), types.ModuleType)
+
+
+def _config_forms(name: str, is_module: bool) -> dict[str, dict]:
+    """The ways a bundle config can name ``name``, each a config whose ``x`` is the named object."""
+    forms = {"expression": {"imports": ["$import hybridmim_components"], "x": f"${name}"}}
+    if is_module:
+        # as the old bundles import (MONAI binds `import a.b` to the name "a.b", so "a" is imported on its own too)
+        forms["import"] = {"imports": ["$import hybridmim_components", f"$import {name}"], "x": f"${name}"}
+    else:
+        module, _, attr = name.rpartition(".")
+        forms["target"] = {"x": {"_target_": name, "_mode_": "callable"}}
+        forms["from-import"] = {"imports": [f"$from {module} import {attr}"], "x": f"${attr}"}
+    return forms
+
+
+def test_the_fixture_lists_the_old_bundles_names():
+    # what make_fixtures.sh extracted: the release's own targets (moved ones and ones that stayed)
+    assert len(OLD_NAMES) == len(set(OLD_NAMES)) > 30
+    assert "hybridmim_components.data.load_datalist" in OLD_NAMES
+    assert "hybridmim_components.HybridMIMLoss" in OLD_NAMES
+
+
+@pytest.mark.parametrize("name", OLD_NAMES)
+def test_old_name_resolves_through_config_parser(name):
+    from monai.bundle import ConfigParser
+
+    new = moved.new_path(name)
+    _forget_old_names()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", moved.HybridMIMDeprecationWarning)  # today's path resolves without the tables
+        expected = pydoc.locate(new or name)
+    assert expected is not None, f"{name} -> {new}: the new path does not resolve"
+    for form, config in _config_forms(name, _is_module(new or name)).items():
+        _forget_old_names()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            value = ConfigParser(config).get_parsed_content("x")
+        assert value is expected, f"{name} ({form}): {value!r} is not {expected!r}"
+        ours = [str(w.message) for w in caught if issubclass(w.category, moved.HybridMIMDeprecationWarning)]
+        if new is None:
+            assert not ours, f"{name} still exists and must not warn ({form}): {ours}"
+            continue
+        assert ours, f"{name} ({form}) moved to {new} but no HybridMIMDeprecationWarning was raised"
+        # the warning names a prefix of the old name and where that prefix is now
+        found = re.search(r"'([\w.]+)' moved to '([\w.]+)'", ours[0])
+        assert found, ours[0]
+        old_part, new_part = found.groups()
+        assert name == old_part or name.startswith(old_part + "."), (name, ours[0])
+        assert new == new_part + name[len(old_part):], (name, new, ours[0])
+
+
+def test_moved_warning_is_visible_by_default():
+    # a FutureWarning: shown without -W flags even when raised inside MONAI's code (DeprecationWarning is not)
+    assert issubclass(moved.HybridMIMDeprecationWarning, FutureWarning)
+
+
+@pytest.mark.parametrize("old", sorted(moved.MOVED_MODULES))
+def test_moved_module_entries_are_really_gone(old):
+    # an entry must never shadow or alias something that still exists
+    parent, _, child = old.rpartition(".")
+    package = importlib.import_module(parent)
+    assert importlib.machinery.PathFinder.find_spec(old, package.__path__) is None, f"{old} still exists"
+    assert child not in vars(package) or vars(package)[child] is sys.modules.get(old)
+    assert importlib.util.find_spec(moved.MOVED_MODULES[old]) is not None
+
+
+@pytest.mark.parametrize("old", sorted(moved.MOVED_NAMES))
+def test_moved_name_entries_are_really_gone(old):
+    module, _, attr = old.rpartition(".")
+    assert attr not in vars(importlib.import_module(module)), f"{old} still exists"
+    assert pydoc.locate(moved.MOVED_NAMES[old]) is not None
+
+
+def test_unknown_attribute_still_raises_attribute_error():
+    import hybridmim_components
+
+    with pytest.raises(AttributeError, match="no_such_name"):
+        hybridmim_components.no_such_name  # noqa: B018
+
+
+# ----------------------------------------------------------------------------------------------- CLI runs (slow)
+def _run(args: list[str], cwd: str) -> str:
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=REPO_ROOT)
+    proc = subprocess.run([sys.executable, "-m", "monai.bundle", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"monai.bundle {args[0]} failed (exit {proc.returncode}):\n{text[-6000:]}"
+    return text
+
+
+def _cli(overrides: dict) -> list[str]:
+    return [arg for k, v in overrides.items() for arg in (f"--{k}", v if isinstance(v, str) else json.dumps(v))]
+
+
+def _tiny_ct(path: str, shape=(36, 34, 30)) -> np.ndarray:
+    """A small CT-like volume (HU, int16): air around a box of soft tissue holding a denser blob."""
+    import nibabel as nib
+
+    ct = np.full(shape, -1000, dtype=np.int16)
+    ct[4:-4, 4:-4, 3:-3] = 40
+    ct[12:22, 10:20, 8:18] = 130
+    nib.save(nib.Nifti1Image(ct, np.diag([1.5, 1.5, 2.0, 1.0])), path)
+    return ct
+
+
+@pytest.mark.slow
+def test_packed_bundle_downloads_and_infers(tmp_path):
+    import nibabel as nib
+
+    _run(["download", "--name", BUNDLE, "--url", f"file://{BUNDLE_ZIP}", "--bundle_dir", str(tmp_path)],
+         cwd=str(tmp_path))
+    bundle = tmp_path / BUNDLE
+    assert (bundle / "models" / "model.pt").is_file()
+    data = tmp_path / "data"
+    data.mkdir()
+    image = _tiny_ct(str(data / "case.nii.gz"))
+    (data / "datalist.json").write_text(json.dumps({"testing": [{"image": "case.nii.gz"}]}))
+    text = _run(["run", "--config_file", str(bundle / "configs" / "inference.json"),
+                 *_cli({"bundle_root": str(bundle), "dataset_dir": str(data), "data_list_file_path": "datalist.json",
+                        "dataloader#num_workers": 0, **TRAINED})], cwd=str(tmp_path))
+    # the old configs' imports went through the aliases, loudly
+    assert "HybridMIMDeprecationWarning" in text
+    assert "'hybridmim_components.data' moved to 'hybridmim_components.workflow.data'" in text
+    seg = nib.load(str(bundle / "eval" / "case_seg.nii.gz")).get_fdata()
+    assert seg.shape == image.shape
+    assert set(np.unique(seg)) <= {0.0, 1.0}
+
+
+@pytest.mark.slow
+def test_old_checkpoint_resumes_with_todays_bundle(tmp_path):
+    from tools.data.make_demo_data import make_ct_dataset
+
+    old = torch.load(OLD_CHECKPOINT, map_location="cpu", weights_only=True)
+    assert "random_states" not in old
+    stored = int(old["trainer"]["iteration"])
+    datalist = make_ct_dataset(str(tmp_path / "data"), num_classes=2, n_train=1, n_val=1, n_test=1,
+                               shape=(40, 40, 32))
+    models = tmp_path / "bundle" / "models"
+    models.mkdir(parents=True)
+    shutil.copy(OLD_CHECKPOINT, models / os.path.basename(OLD_CHECKPOINT))
+    overrides = {
+        "bundle_root": str(tmp_path / "bundle"), "dataset_dir": os.path.dirname(datalist),
+        "data_list_file_path": os.path.basename(datalist), "pretrained_path": "", "num_samples": 1, "cache_rate": 0,
+        "train#dataloader#num_workers": 0, "val_interval": 1, "resume": True,
+        "train#trainer#max_epochs": int(old["trainer"]["max_epochs"]) + 1, **TRAINED,
+    }
+    text = _run(["run", "--config_file", os.path.join(REPO_ROOT, "bundles", BUNDLE, "configs", "train.json"),
+                 *_cli(overrides)], cwd=REPO_ROOT)
+    assert f"(iteration {stored})" in text, text[-4000:]
+    assert re.search(r"WARNING.*holds no random states.*not exact", text), text[-4000:]
+    new = torch.load(models / "checkpoint_epoch=2.pt", map_location="cpu", weights_only=True)
+    epoch_length = int(old["trainer"]["epoch_length"])
+    assert int(new["trainer"]["iteration"]) == stored + epoch_length  # continued, not restarted
+    assert new["random_states"]  # today's checkpoint holds them again
