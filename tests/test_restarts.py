@@ -194,3 +194,57 @@ def test_a_resume_needs_nothing_but_its_own_folder(tmp_path):
     code, out = _cli_run({**run, "train#trainer#max_epochs": 2, "resume": True})
     assert code == 0, f"the resume needed the moved pretrained file:\n{out[-4000:]}"
     assert "is not loaded (the checkpoint holds every weight)" in out
+
+
+# ------------------------------------------------------------------------------------------------ leftovers of a kill
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_kill_during_a_write_leaves_no_hidden_file_for_good(tmp_path):
+    """Old code: the ``.<stem>.part<pid>.<ext>`` of a process killed with SIGKILL mid-write stayed forever. The next
+    write into the folder removes those of dead processes; a live process's file and other hidden files stay."""
+    from hybridmim_components.atomic_files import atomic_open, temporary_name
+
+    # a process killed while writing checkpoint_final.pt (SIGKILL: no cleanup ran)
+    killed = subprocess.run(
+        [sys.executable, "-c", "import os, signal, sys; from hybridmim_components.atomic_files import atomic_open\n"
+         "with atomic_open(sys.argv[1], 'wb') as f:\n    f.write(b'half'); f.flush(); os.kill(os.getpid(), signal.SIGKILL)",
+         str(tmp_path / "checkpoint_final.pt")], cwd=REPO_ROOT, env=dict(os.environ, PYTHONPATH=REPO_ROOT))
+    assert killed.returncode == -9
+    left = [p for p in os.listdir(tmp_path) if ".part" in p]
+    assert len(left) == 1 and not (tmp_path / "checkpoint_final.pt").exists()
+    old_format = tmp_path / f".model.part{_dead_pid()}.pt"  # an older version's name (no host)
+    old_format.write_bytes(b"half")
+    live = tmp_path / os.path.basename(temporary_name(tmp_path / "x.json")).replace(str(os.getpid()), str(os.getppid()))
+    live.write_bytes(b"being written by a live process")
+    others = [tmp_path / ".gitkeep", tmp_path / ".notes.partial.txt"]
+    for path in others:
+        path.write_text("")
+
+    with atomic_open(tmp_path / "metrics.csv", "w") as f:
+        f.write("a,b\n")
+    remaining = sorted(os.listdir(tmp_path))
+    assert remaining == sorted([live.name, *(p.name for p in others), "metrics.csv"]), remaining
+
+
+def test_the_rename_is_followed_by_an_fsync_of_the_folder(tmp_path, monkeypatch):
+    """Old code: the file was fsynced, the folder not: after a power cut the rename itself could be lost."""
+    import stat
+
+    from hybridmim_components import atomic_files
+
+    synced = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd):
+        synced.append((stat.S_ISDIR(os.fstat(fd).st_mode), os.path.exists(tmp_path / "checkpoint.pt")))
+        real_fsync(fd)
+
+    monkeypatch.setattr(atomic_files.os, "fsync", recording_fsync)
+    with atomic_files.atomic_open(tmp_path / "checkpoint.pt", "wb", fsync=True) as f:
+        f.write(b"data")
+    assert (False, False) in synced, "the file's data were not synced before the rename"
+    assert (True, True) in synced, "the folder was not synced after the rename"

@@ -26,7 +26,7 @@ from ignite.engine import Events
 from ignite.handlers.checkpoint import BaseSaveHandler, Checkpoint
 from monai.handlers import CheckpointSaver
 
-from hybridmim_components.atomic_files import atomic_open
+from hybridmim_components.atomic_files import atomic_open, remove_leftovers
 from hybridmim_components.transfer import extract_state_dict
 
 from .run_identity import RunIdentity
@@ -148,6 +148,7 @@ class AtomicDiskSaver(BaseSaveHandler):
         self.save_on_rank = save_on_rank
         self._pending_removal: list[str] = []
         os.makedirs(self.dirname, exist_ok=True)
+        remove_leftovers(self.dirname)  # at start: temporary files of a run killed mid-write
 
     def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
         from ignite import distributed as idist
