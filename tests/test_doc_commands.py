@@ -260,6 +260,15 @@ COVERAGE: List[Tuple[str, object]] = [
      r"--dataset_dir /data/Task09_Spleen --pretrained_path downloaded/hybridmim_unet_pretrain",
      run("bundles", FINETUNE_TINY, expect=["pretrained weights downloaded/hybridmim_unet_pretrain/models/model.pt",
                                            "sha256 ", "unexpected: 0", "Epoch[1] Complete"])),
+    # ---- publishing on the Hugging Face Hub (docs/sharing.md): needs a Hub account and the network -----------------
+    (r"\.: python tools/bundles/publish_hf\.py \S+\.zip --repo \S+",
+     covered_by("tests/test_publish_hf.py::test_first_publish_uploads_the_zoo_layout_and_tags_the_version",
+                "the test runs the same command line (main) on a packed zip, huggingface_hub's calls patched onto an "
+                "in-memory Hub (no account, no network in CI)", help=True)),
+    (r"\.: python -m monai\.bundle download --name hybridmim_unet_pretrain --source huggingface_hub --repo \S+ "
+     r"--version \S+ --bundle_dir downloaded",
+     covered_by("tests/test_publish_hf.py::test_the_recipient_downloads_it_with_monai",
+                "MONAI's download from the in-memory Hub the test publishes to, with and without --version")),
     # ---- pretraining on a large pool (README, docs/pool_store.md) --------------------------------------------------
     (r"\.: python tools/data/preprocess_pool\.py bundles/hybridmim_swin_pretrain /data/pool_store --dataset_dir /data",
      covered_by("tests/test_pool_store.py::test_a_corrupt_file_is_named_and_skipped_and_the_rest_stored",
