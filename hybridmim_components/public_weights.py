@@ -16,9 +16,17 @@ applies (fields a publisher did not state are ``None``). ``preprocessing`` uses 
 settings live in ``architecture``.
 
 The facts in :data:`LAYOUTS` come from the publishers' code; each layout's ``sources`` names the files read.
+
+How a file was identified matters as much as what it was taken for (:attr:`ConvertedCheckpoint.identified_by`):
+``"hash"``: its digest is a published file's (:data:`KNOWN_FILE_HASHES`), so it *is* that file; ``"keys"``: names no
+other layout uses (a pretext head, a prefix, a nesting); ``"shapes"``: only tensor shapes decide (e.g. a bare
+SwinUNETR of width 48 with 14 outputs: the model zoo's BTCV file, or one's own BTCV finetune), a guess that the notes
+say is one, with how to state the truth (a provenance record beside the file, or ``--downsample``).
 """
 from __future__ import annotations
 
+import hashlib
+import os
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -26,6 +34,7 @@ from types import MappingProxyType
 
 import torch
 
+from hybridmim_components.provenance import provenance_path
 from hybridmim_components.provenance import window_intensity as _window  # the record's CT window
 
 __all__ = [
@@ -33,6 +42,8 @@ __all__ = [
     "ConvertedCheckpoint",
     "LAYOUTS",
     "KNOWN_FILE_HASHES",
+    "known_file",
+    "merging_source",
     "detect_layout",
     "convert_checkpoint",
     "infer_architecture",
@@ -109,7 +120,12 @@ class ConvertedCheckpoint:
             pretext heads, a final norm, a mask token; sorted.
         covers: what ``state_dict`` actually covers (:func:`coverage`), which can be less than ``layout.covers``.
         architecture: :func:`infer_architecture` of ``state_dict``.
-        notes: warnings about this file (e.g. a patch embedding MONAI cannot take).
+        notes: warnings about this file (e.g. a patch embedding MONAI cannot take, a layout that is a guess).
+        identified_by: ``"hash"`` (a published file's digest), ``"keys"`` (names only that layout has) or
+            ``"shapes"`` (only shapes decide: a guess).
+        digest: ``"<hash type> <hex>"`` of the file when a known digest identified it, else ``None``.
+        not_converted: network names the file holds in a form they cannot be converted from (the DAE code's
+            convolution stem for ``swinViT.patch_embed.proj.*``): absent from ``state_dict``; sorted.
     """
 
     layout: Layout
@@ -118,6 +134,9 @@ class ConvertedCheckpoint:
     covers: str
     architecture: dict
     notes: list[str] = field(default_factory=list)
+    identified_by: str = "keys"
+    digest: str | None = None
+    not_converted: list[str] = field(default_factory=list)
 
     def __iter__(self) -> Iterator:
         return iter((self.layout, self.state_dict, self.dropped))
@@ -276,8 +295,10 @@ LAYOUTS: dict[str, Layout] = {
             "out (1-channel reconstruction)}; encoder.mask_token and encoder.norm are dropped. The CT window is "
             "for CT; MRI volumes were z-scored (NormalizeIntensityd nonzero, channel_wise). Also mirrored at "
             "huggingface.co/MrGiovanni/SuPreM. The DAE pretraining code's patch embedding is a convolution stem "
-            "(patch_embed.proj.conv1/conv2/norm1/norm2) MONAI's PatchEmbed cannot take; files with it keep "
-            "swinViT.patch_embed untrained (reported in notes).",
+            "(patch_embed.proj = MONAI UnetBasicBlock: conv1 3x3x3 stride 2, instance norm, LeakyReLU, conv2 "
+            "3x3x3, instance norm, LeakyReLU), which MONAI's PatchEmbed (one 2x2x2 stride-2 convolution) cannot "
+            "compute: files with it cover everything but swinViT.patch_embed (ConvertedCheckpoint.not_converted); "
+            "pretrained_scope 'encoder' loads them with a fresh PatchEmbed and says so, 'all' stops.",
             sources=(
                 "Project-MONAI/research-contributions:DAE/BTCV_Finetune/README.md",
                 "Project-MONAI/research-contributions:DAE/BTCV_Finetune/swin_unetr_og.py",
@@ -327,10 +348,50 @@ LAYOUTS: dict[str, Layout] = {
     )
 }
 
-# digests of published files whose contents we know: a coordinator that has the file can confirm the layout
+#: Digests of published files, ``(hash type, hex digest) -> layout``: a file with one of them *is* that publisher's
+#: file (checked before any guess from shapes). Only digests a publisher states are listed (no SHA-256 is published
+#: for the zoo's file; its large_files.yml gives md5).
 KNOWN_FILE_HASHES = {
-    ("md5", "50dd67a01b28a1d5487fd9ac27e682fb"): "model_zoo_swin_unetr_btcv",  # model-zoo large_files.yml
+    ("md5", "50dd67a01b28a1d5487fd9ac27e682fb"): "model_zoo_swin_unetr_btcv",  # model-zoo large_files.yml, v1 file
 }
+
+
+def known_file(path: str | os.PathLike, chunk: int = 1 << 20) -> tuple[str, str] | None:
+    """``(layout name, "<hash type> <hex>")`` when the file's digest is one of :data:`KNOWN_FILE_HASHES`, else
+    ``None``. Every hash type the table uses is computed in one read of the file."""
+    kinds = sorted({kind for kind, _ in KNOWN_FILE_HASHES})
+    if not kinds:
+        return None
+    hashes = {kind: hashlib.new(kind) for kind in kinds}
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            for h in hashes.values():
+                h.update(block)
+    for kind, h in hashes.items():
+        name = KNOWN_FILE_HASHES.get((kind, h.hexdigest()))
+        if name is not None:
+            return name, f"{kind} {h.hexdigest()}"
+    return None
+
+
+def merging_source(converted: ConvertedCheckpoint | None, record: Mapping | None,
+                   record_file: str | None = None) -> tuple[str | None, str | None]:
+    """The patch-merging order weights were trained with, and where that comes from; ``(None, None)`` when nothing
+    states it (a file in MONAI's names without a record, or a layout guessed from shapes).
+
+    In this order: the provenance record beside the file (``record``, read from ``record_file``); a published
+    file's known digest; a published layout recognised from its keys (the order its publishers trained with).
+    """
+    if record and record.get("downsample"):
+        return record["downsample"], f"the provenance record {record_file or 'beside the weights'}"
+    if converted is None or converted.layout.name == "hybridmim_bundle":
+        return None, None
+    if converted.identified_by == "hash":
+        return converted.layout.merging, f"the published file's {converted.digest} ({converted.layout.name})"
+    if converted.identified_by == "keys":
+        return converted.layout.merging, (f"the published layout {converted.layout.name}, recognised from its keys "
+                                          "(the order its publishers trained with)")
+    return None, None
 
 
 def unwrap_checkpoint(checkpoint: Mapping, wrapper_keys: tuple[str, ...] = WRAPPER_KEYS,
@@ -425,22 +486,23 @@ def _is_model_zoo_btcv(state: Mapping[str, torch.Tensor]) -> bool:
     )
 
 
-def _layout_name(checkpoint: Mapping) -> tuple[str, str | None, dict[str, torch.Tensor]]:
+def _layout_name(checkpoint: Mapping) -> tuple[str, str | None, dict[str, torch.Tensor], str]:
+    """``(layout name, wrapper key, flat state dict, "keys" or "shapes")``: what decided the layout."""
     wrapper, flat = unwrap_checkpoint(checkpoint)
     names = list(flat)
-    name = _detect(wrapper, names)
+    name, how = _detect(wrapper, names), "keys"
     if name is None and _has_prefix(names, "swinViT.", "swin_vit.", "backbone.swinViT."):
         plain = {(k[len("backbone."):] if k.startswith("backbone.") else k): v for k, v in flat.items()}
         if _is_model_zoo_btcv(plain):
-            name = "model_zoo_swin_unetr_btcv"
+            name, how = "model_zoo_swin_unetr_btcv", "shapes"  # a BTCV finetune of one's own has these shapes too
         elif any(k.startswith(("swinViT.layers1c.", "swin_vit.layers1c.")) for k in plain):
             # a bare SwinUNETR-v2: VoCo publishes its encoder so (VoCo_*_SSL_head.pt), VoComni the whole network
             # with its 21-class out; our bundles never build use_v2
             out = plain.get("out.conv.conv.weight")
             if "decoder1.transp_conv.conv.weight" not in plain:
-                name = "voco"
+                name, how = "voco", "shapes"
             elif out is not None and out.shape[0] == 21:
-                name = "vocomni"
+                name, how = "vocomni", "shapes"
             else:
                 name = "hybridmim_bundle"
         else:
@@ -453,7 +515,7 @@ def _layout_name(checkpoint: Mapping) -> tuple[str, str | None, dict[str, torch.
             "(MONAI SwinUNETR names), 'module.patch_embed.proj.weight' (Tang et al.'s model_swinvit.pt) or "
             "'backbone.swinViT.*' (VoCo, SuPreM)."
         )
-    return name, wrapper, flat
+    return name, wrapper, flat, how
 
 
 def detect_layout(checkpoint: Mapping) -> Layout:
@@ -465,8 +527,9 @@ def detect_layout(checkpoint: Mapping) -> Layout:
     return LAYOUTS[_layout_name(checkpoint)[0]]
 
 
-def _convert_names(name: str, flat: Mapping[str, torch.Tensor]) -> tuple[dict, list[str], list[str]]:
-    """Rename ``flat`` (``module.`` stripped) for layout ``name``: (state dict, dropped names, notes)."""
+def _convert_names(name: str, flat: Mapping[str, torch.Tensor]) -> tuple[dict, list[str], list[str], list[str]]:
+    """Rename ``flat`` (``module.`` stripped) for layout ``name``: (state dict, dropped names, notes, network names
+    the file holds in a form that cannot be converted)."""
     out, dropped, notes, origin = {}, [], [], {}
 
     def put(key: str, target: str) -> None:
@@ -511,12 +574,18 @@ def _convert_names(name: str, flat: Mapping[str, torch.Tensor]) -> tuple[dict, l
             # the other layouts already use MONAI's names, maybe below a pretraining wrapper's backbone. (VoCo,
             # SuPreM, our whole pretraining network); anything outside the network's modules is a head: dropped
             keep_monai(key, key[len("backbone."):] if key.startswith("backbone.") else key)
+    not_converted = []
     if name == "dae_swin" and any(k.startswith("encoder.patch_embed.proj.conv") for k in flat):
+        # conv-norm-LeakyReLU twice is no single linear strided convolution: no exact mapping exists
+        not_converted = ["swinViT.patch_embed.proj.bias", "swinViT.patch_embed.proj.weight"]
         notes.append(
-            "the file's patch embedding is a convolution stem (encoder.patch_embed.proj.conv1/conv2/norm1/norm2) "
-            "that MONAI's PatchEmbed (one strided convolution) cannot take: swinViT.patch_embed is not converted."
+            "the file's patch embedding is the DAE pretraining code's convolution stem (encoder.patch_embed.proj: "
+            "conv1 3x3x3 stride 2, instance norm, LeakyReLU, conv2 3x3x3, instance norm, LeakyReLU), which MONAI's "
+            "PatchEmbed (one 2x2x2 stride-2 convolution) cannot compute: swinViT.patch_embed is not loaded and "
+            "starts from random weights; everything after it (the Swin stages, skip blocks, decoder) is the file's, "
+            "but was trained on the stem's output, not on this PatchEmbed's."
         )
-    return out, sorted(dropped), notes
+    return out, sorted(dropped), notes, not_converted
 
 
 def coverage(state_dict: Mapping[str, torch.Tensor]) -> str:
@@ -532,11 +601,13 @@ def coverage(state_dict: Mapping[str, torch.Tensor]) -> str:
     return "none"
 
 
-def convert_checkpoint(checkpoint: Mapping) -> ConvertedCheckpoint:
+def convert_checkpoint(checkpoint: Mapping, path: str | os.PathLike | None = None) -> ConvertedCheckpoint:
     """Recognise a checkpoint's layout and rename it into MONAI ``SwinUNETR`` (or ``BasicUNet``) names.
 
     Args:
         checkpoint: what ``torch.load(path, weights_only=True)`` returned (any wrapper of :data:`WRAPPER_KEYS`).
+        path: the file it was loaded from: its digest is looked up in :data:`KNOWN_FILE_HASHES` first (a published
+            file is then known, not guessed); without it only keys and shapes decide.
 
     Returns:
         A :class:`ConvertedCheckpoint` (unpacks as ``layout, state_dict, dropped``): the state dict holds only names
@@ -546,13 +617,29 @@ def convert_checkpoint(checkpoint: Mapping) -> ConvertedCheckpoint:
     Raises:
         ValueError: unknown layout (names the first keys).
     """
-    name, _, flat = _layout_name(checkpoint)
-    state, dropped, notes = _convert_names(name, flat)
+    name, _, flat, how = _layout_name(checkpoint)
+    known = known_file(path) if path is not None else None
+    digest = None
+    if known is not None:
+        name, digest = known
+        how = "hash"
+    state, dropped, notes, not_converted = _convert_names(name, flat)
     try:
         arch = infer_architecture(state)
     except ValueError:
         arch = {}
-    return ConvertedCheckpoint(LAYOUTS[name], state, dropped, coverage(state), arch, notes)
+    layout = LAYOUTS[name]
+    if how == "shapes":
+        record = provenance_path(path) if path is not None else "<weights>.provenance.json"
+        notes.append(
+            f"recognised as {layout.title} ({name}) from its tensor names and shapes only: a guess"
+            + (", its digest is not the published file's" if path is not None else ", the file was not hashed")
+            + ". A network of one's own with the same backbone, width and outputs has the same keys and shapes "
+            f"(e.g. a hybridmim_swin_btcv finetune). State the truth: put a provenance record beside the file "
+            f"({record}, with its downsample), or, if it is the published file, set --downsample {layout.merging}. "
+            "Until then the patch-merging order is not known and this network's is assumed."
+        )
+    return ConvertedCheckpoint(layout, state, dropped, coverage(state), arch, notes, how, digest, not_converted)
 
 
 def infer_architecture(state_dict: Mapping[str, torch.Tensor]) -> dict:

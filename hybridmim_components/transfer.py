@@ -245,16 +245,16 @@ def adapt_input_channels(weight: torch.Tensor, in_channels: int) -> torch.Tensor
     return (mean.repeat(1, in_channels, *([1] * (weight.ndim - 2))) * (c0 / in_channels)).contiguous()
 
 
-def _convert(checkpoint: Mapping):
-    """``(layout, flat state dict, dropped names)`` of a raw checkpoint; files of no known layout are read as a plain
-    (possibly wrapped/prefixed) state dict, which the coverage check below then judges."""
+def _convert(checkpoint: Mapping, path: str):
+    """``(converted checkpoint or None, flat state dict, dropped names)`` of a raw checkpoint; files of no known layout
+    are read as a plain (possibly wrapped/prefixed) state dict, which the coverage check below then judges."""
     from hybridmim_components import public_weights
 
     try:
-        converted = public_weights.convert_checkpoint(checkpoint)
+        converted = public_weights.convert_checkpoint(checkpoint, path=path)
     except ValueError:
         return None, extract_state_dict(checkpoint), []
-    return converted.layout, converted.state_dict, list(converted.dropped)
+    return converted, converted.state_dict, list(converted.dropped)
 
 
 def _format_report(report: dict, limit: int = 20) -> str:
@@ -270,9 +270,10 @@ def _format_report(report: dict, limit: int = 20) -> str:
     return "\n".join(lines)
 
 
-def _check_merging(network: nn.Module, source_merging: str | None, what: str) -> None:
+def _check_merging(network: nn.Module, source_merging: str | None, what: str, source: str | None = None) -> None:
     """Stop before a SwinUNETR computes other features than the weights were trained with (MONAI 1.5 changed the
-    order in which PatchMerging concatenates the 2×2×2 neighbours; files load without any error either way)."""
+    order in which PatchMerging concatenates the 2×2×2 neighbours; files load without any error either way).
+    ``source`` says who states ``source_merging`` (:func:`~hybridmim_components.public_weights.merging_source`)."""
     ours = network_merging(network)
     if ours is None:
         return
@@ -280,14 +281,15 @@ def _check_merging(network: nn.Module, source_merging: str | None, what: str) ->
         logger.warning(f"{what}: the patch-merging order they were trained with is not recorded; assuming this "
                        f"network's ({ours}). Weights trained before MONAI 1.5 need --downsample merging_legacy.")
         return
+    said = f" (as stated by {source})" if source else ""
     if source_merging != ours:
         raise PretrainedWeightsError(
-            f"{what} were trained with SwinUNETR patch merging {source_merging!r}, but this network uses {ours!r}: "
-            f"loaded as is they would compute other features without any error. Set the bundle key downsample to "
-            f"{source_merging!r} (--downsample {source_merging}).",
+            f"{what} were trained with SwinUNETR patch merging {source_merging!r}{said}, but this network uses "
+            f"{ours!r}: loaded as is they would compute other features without any error. Set the bundle key "
+            f"downsample to {source_merging!r} (--downsample {source_merging}).",
             {"path": what, "downsample": ours, "weights_downsample": source_merging},
         )
-    logger.info(f"{what}: patch merging {source_merging!r} matches this network.")
+    logger.info(f"{what}: patch merging {source_merging!r} matches this network{said}.")
 
 
 def load_pretrained_weights(
@@ -327,7 +329,9 @@ def load_pretrained_weights(
             warning when the preprocessing differs.
 
     Returns:
-        The report: ``path``, ``layout``, ``scope``, ``sha256`` (the verified digest or ``None``), ``provenance`` (the
+        The report: ``path``, ``layout``, ``identified_by`` (``"hash"``, ``"keys"``, ``"shapes"``: a guess, or
+        ``None`` for a plain state dict), ``merging_from`` (who states the patch-merging order, or ``None``),
+        ``scope``, ``sha256`` (the verified digest or ``None``), ``provenance`` (the
         record compared, or ``None``), ``preprocessing_mismatches`` and name lists ``loaded``, ``missing``,
         ``unexpected`` (incl. heads a public layout drops), ``mis_shaped``, ``left_to_train`` (allowed missing/
         mis-shaped ones) and ``adapted`` (input layers fitted to the channel count).
@@ -338,7 +342,13 @@ def load_pretrained_weights(
         PretrainedWeightsError: a parameter the scope requires is missing or mis-shaped, the input channels differ
             without ``adapt_in_channels``, or the SwinUNETR patch-merging order differs from the weights'.
     """
-    from hybridmim_components.provenance import compare_preprocessing, read_provenance, record_from_layout
+    from hybridmim_components.provenance import (
+        compare_preprocessing,
+        provenance_path,
+        read_provenance,
+        record_from_layout,
+    )
+    from hybridmim_components.public_weights import merging_source
 
     if path is None or str(path).strip().lower() in ("", "null", "none"):
         logger.info("pretrained_path is empty: training from scratch (random initialisation).")
@@ -349,11 +359,20 @@ def load_pretrained_weights(
     bundle = _bundle_of(path)
     # verify before torch.load: a corrupted or swapped file must not get as far as the network
     verified = verify_weights_hash(bundle) if bundle else None
-    layout, source, dropped = _convert(torch.load(path, map_location=map_location, weights_only=True))
-    record = read_provenance(path)
-    if record is None and layout is not None:
-        record = record_from_layout(layout)  # the preprocessing its publishers state
+    converted, source, dropped = _convert(torch.load(path, map_location=map_location, weights_only=True), path)
+    layout = converted.layout if converted is not None else None
+    identified_by = converted.identified_by if converted is not None else None
+    not_converted = set(converted.not_converted) if converted is not None else set()
+    own_record = record = read_provenance(path)
+    merging, merging_from = merging_source(converted, record, provenance_path(path))
+    if record is None and layout is not None and identified_by != "shapes":
+        # the preprocessing its publishers state; a layout guessed from shapes states nothing about this file
+        record = record_from_layout(layout)
     layout_name = getattr(layout, "title", None) or ("plain state dict" if layout is None else str(layout))
+    for note in converted.notes if converted is not None else []:
+        if identified_by == "shapes" and own_record is not None and "a guess" in note:
+            continue  # the record beside the file states what it is
+        logger.warning(f"pretrained weights {path}: {note}")
     kind = _backbone_kind(network)
 
     target = network.state_dict()
@@ -365,7 +384,9 @@ def load_pretrained_weights(
         if kind is None:
             raise ValueError(f"pretrained_scope 'encoder' needs a SwinUNETR or BasicUNet, got {type(network).__name__}.")
         must, optional = ENCODER_PREFIXES[kind]
-        required = lambda name: name.startswith(must)  # noqa: E731
+        # a part the file holds in an unconvertible form (the DAE stem) starts fresh: the encoder scope's promise is
+        # the pretrained encoder stages, and the log below names what is not loaded
+        required = lambda name: name.startswith(must) and name not in not_converted  # noqa: E731
         in_scope = lambda name: name.startswith(must + optional)  # noqa: E731
 
     # input channels: the only mismatch with a documented fix
@@ -401,6 +422,8 @@ def load_pretrained_weights(
     report = {
         "path": path,
         "layout": layout_name,
+        "identified_by": identified_by,
+        "merging_from": merging_from,
         "scope": scope,
         "sha256": verified.split()[1] if verified and verified.startswith("sha256 ") else None,
         "loaded": sorted(loadable),
@@ -421,6 +444,11 @@ def load_pretrained_weights(
             if not any(f.startswith(must) for f in failing):
                 hint = (" The file covers the encoder only: set pretrained_scope \"encoder\" (--pretrained_scope "
                         "encoder) to load it and train the decoder from scratch.")
+            elif not_converted and {f.split(" ")[0] for f in failing} <= not_converted:
+                hint = (" The file's patch embedding is a convolution stem that MONAI's PatchEmbed cannot compute "
+                        "(no exact mapping exists): set pretrained_scope \"encoder\" (--pretrained_scope encoder) to "
+                        "load the Swin stages and skip blocks and train swinViT.patch_embed and the decoder from "
+                        "scratch.")
         raise PretrainedWeightsError(
             f"{text}\n{len(failing)} parameters that pretrained_scope {scope!r} requires did not load: these weights "
             f"do not fit this network (wrong backbone, feature size or input channels?).{hint} Refusing to train "
@@ -439,12 +467,19 @@ def load_pretrained_weights(
             report,
         )
     if kind == "SwinUNETR" and any(n.startswith("swinViT.layers") and ".downsample." in n for n in loadable):
-        _check_merging(network, (record or {}).get("downsample"), f"pretrained weights {path} ({layout_name})")
+        _check_merging(network, merging, f"pretrained weights {path} ({layout_name})", merging_from)
     report["preprocessing_mismatches"] = compare_preprocessing(
         record, expected_preprocessing, strict=bool(strict_preprocessing), what=f"pretrained weights {path}"
     )
     network.load_state_dict(loadable, strict=False)
     logger.info(text)
+    fresh_stem = sorted(n for n in not_converted if n in target and n not in loadable)
+    if fresh_stem:
+        logger.warning(
+            f"pretrained weights {path}: {', '.join(fresh_stem)} NOT loaded: the file's convolution stem has no exact "
+            "counterpart in MONAI's PatchEmbed, which starts from random weights; the Swin stages after it are the "
+            "file's, trained on the stem's output. This is the DAE encoder less its stem, not the DAE encoder."
+        )
     if scope == "encoder":
         fresh = sorted({n.split(".")[0] for n in target if not in_scope(n)})
         logger.info(f"pretrained_scope 'encoder': {len(loadable)} encoder tensors loaded; the decoder "
