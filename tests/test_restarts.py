@@ -248,3 +248,46 @@ def test_the_rename_is_followed_by_an_fsync_of_the_folder(tmp_path, monkeypatch)
         f.write(b"data")
     assert (False, False) in synced, "the file's data were not synced before the rename"
     assert (True, True) in synced, "the folder was not synced after the rename"
+
+
+# ------------------------------------------------------------------------------------------ other devices on resume
+def _restore(saved_cuda: list, caplog):
+    from ignite.engine import Engine
+
+    from hybridmim_components.workflow.seeding import RandomStates
+
+    trainer = Engine(lambda e, b: None)
+    trainer.state.iteration = 4
+    states = RandomStates(trainer)
+    states.snapshot(trainer)
+    saved = states.state_dict()
+    saved["ranks"][0]["cuda"] = saved_cuda
+    with caplog.at_level(logging.INFO):
+        states.load_state_dict(saved)
+        states.restore(trainer)
+    return caplog.text
+
+
+def test_a_resume_on_fewer_gpus_says_it_is_not_exact(caplog, monkeypatch):
+    """Old code: the CUDA states of 2 GPUs were silently not restored on a CPU-only machine, and the log said the
+    run "continues exactly as an uninterrupted one"."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    text = _restore([torch.zeros(16, dtype=torch.uint8)] * 2, caplog)
+    assert "not exact" in text and "2 GPU" in text and "no GPU" in text, text
+    assert "exactly as an uninterrupted one" not in text
+
+
+def test_a_resume_on_a_gpu_of_a_cpu_run_says_it_is_not_exact(caplog, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [torch.zeros(16, dtype=torch.uint8)])
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: pytest.fail("nothing to restore"))
+    text = _restore([], caplog)
+    assert "not exact" in text and "1 GPU" in text, text
+    assert "exactly as an uninterrupted one" not in text
+
+
+def test_the_same_devices_resume_exactly(caplog, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    text = _restore([], caplog)
+    assert "not exact" not in text and "exactly as an uninterrupted one" in text

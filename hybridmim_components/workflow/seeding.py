@@ -175,16 +175,38 @@ class RandomStates:
         if state is None:
             return
         torch.set_rng_state(state["torch"])
-        if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(state["cuda"])
+        exact = self._restore_cuda(state["cuda"])
         _set_numpy_state(np.random.mtrand._rand, state["numpy"])
         python = state["python"]
         random.setstate((python["version"], tuple(int(v) for v in python["internal"].tolist()), python["gauss_next"]))
         if len(state["transforms"]) != len(self.generators):
+            exact = False
             logger.warning(f"the checkpoint holds {len(state['transforms'])} transform generators, the preprocessing "
-                           f"has {len(self.generators)}: transform draws are not restored.")
+                           f"has {len(self.generators)}: transform draws are not restored, the resume is not exact.")
         else:
             for generator, saved in zip(self.generators, state["transforms"]):
                 _set_numpy_state(generator, saved)
-        logger.info(f"restored the random states of iteration {self.trainer.state.iteration}: the run continues "
-                    "exactly as an uninterrupted one.")
+        if exact:
+            logger.info(f"restored the random states of iteration {self.trainer.state.iteration}: the run continues "
+                        "exactly as an uninterrupted one.")
+        else:
+            logger.info(f"restored the random states of iteration {self.trainer.state.iteration} but those named "
+                        "above: the run continues, not bit for bit as an uninterrupted one.")
+
+    @staticmethod
+    def _restore_cuda(saved: list) -> bool:
+        """Put back the CUDA generators of every GPU of this process; False (logged) when the GPUs differ from the
+        killed run's (another count, or CPU instead of GPU): their states cannot be restored."""
+        now = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if len(saved) == now:
+            if now:
+                torch.cuda.set_rng_state_all(saved)
+            return True
+
+        def gpus(n: int) -> str:
+            return f"{n} GPU(s)" if n else "no GPU"
+
+        logger.warning(f"the resume is not exact: the checkpoint was written with {gpus(len(saved))}, this process has "
+                       f"{gpus(now)}, so the CUDA random states (dropout and any draw on the GPU) cannot be restored and "
+                       "start afresh; CPU, numpy, Python and transform draws are restored.")
+        return False
