@@ -17,6 +17,7 @@ from .losses import (
 from .merging import DOWNSAMPLE_CHOICES, LegacyPatchMerging, resolve_downsample
 from .masking import HierarchicalMask, HierarchicalMaskd, masked_voxels_in_region, patch_mask_to_labels
 from .networks import HybridMIMNet, HybridMIMSwinUNETR, HybridMIMUNet
+from .trained_settings import TrainedSettingsMismatchError, check_trained_settings
 from .transfer import PretrainedWeightsError, extract_state_dict, load_pretrained_weights
 
 # the release version, the one source of it (setup.cfg reads it statically; semantic versioning, CHANGELOG.md)

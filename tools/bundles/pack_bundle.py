@@ -24,12 +24,13 @@ generated). The zip is reproducible: sorted members, fixed timestamps.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
 import sys
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from hybridmim_components.atomic_files import atomic_path
 
@@ -95,19 +96,91 @@ def _check_weights(path: str) -> None:
         raise ValueError(f"{path} holds no weights: {e}") from e
 
 
-def _large_files_yml(name: str, digest: str, url: str) -> str:
+def _large_files_yml(name: str, digest: str, url: str, record_digest: str | None = None) -> str:
     # json.dumps quotes the strings: a JSON string is a valid YAML double-quoted scalar
-    return (
+    text = (
         f"# Large files of the {name} bundle, in the MONAI model zoo's large_files.yml format.\n"
         "# models/model.pt is packed with the bundle. If you host it separately, set url to where it can be\n"
         "# downloaded; `python -m monai.bundle download_large_files --bundle_path <bundle>` then fetches it and\n"
         "# checks the hash, and hybridmim_components.load_pretrained_weights checks it whenever it loads the bundle.\n"
+        "# models/model.provenance.json (what the weights were trained with) is packed too; its hash is checked\n"
+        "# whenever a config compares its settings with it (hybridmim_components.check_trained_settings).\n"
         "large_files:\n"
         f"  - path: {json.dumps(WEIGHTS)}\n"
         f"    url: {json.dumps(url)}\n"
         f"    hash_val: {json.dumps(digest)}\n"
         '    hash_type: "sha256"\n'
     )
+    if record_digest is not None:
+        text += (
+            f"  - path: {json.dumps(PROVENANCE)}\n"
+            f"    url: {json.dumps(_sibling_url(url, PROVENANCE))}\n"
+            f"    hash_val: {json.dumps(record_digest)}\n"
+            '    hash_type: "sha256"\n'
+        )
+    return text
+
+
+def _sibling_url(url: str, relative: str) -> str:
+    """The record's URL beside the weights' one (``.../model.pt`` -> ``.../model.provenance.json``)."""
+    if url == URL_PLACEHOLDER or "/" not in url:
+        return URL_PLACEHOLDER.replace("models/model.pt", relative)
+    return url.rsplit("/", 1)[0] + "/" + os.path.basename(relative)
+
+
+def _set_config_value(config: dict, config_id: str, value, seen: tuple = ()) -> tuple[str, object] | None:
+    """Set ``config_id`` (``a#b`` nested) to ``value`` where the config holds it as a literal; a plain reference
+    (``"@in_channels"``) is followed to the key it names. Returns ``(id set, old value)`` when something changed,
+    ``None`` when the config does not hold the key, already has the value, or computes it (a ``$`` expression)."""
+    parts = config_id.split("#")
+    node = config
+    for part in parts[:-1]:
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    if not isinstance(node, dict) or parts[-1] not in node:
+        return None
+    old = node[parts[-1]]
+    if isinstance(old, str) and old.startswith("@") and old[1:] not in seen:
+        return _set_config_value(config, old[1:], value, seen + (config_id,))
+    if (isinstance(old, str) and old.startswith(("$", "%"))) or old == value:
+        return None
+    node[parts[-1]] = value
+    return config_id, old
+
+
+def trained_configs(bundle: str, record: Mapping) -> dict[str, tuple[str, list[str]]]:
+    """The bundle's config files with the trained settings of ``record`` written in (width, merging order, channels,
+    classes, spacing, window, crop): ``{relative path: (JSON text, ["key: old -> new", ...])}`` for each config that
+    changed. Keys a config computes (``$`` expressions) are left as they are."""
+    from hybridmim_components.trained_settings import config_values_from_record
+
+    values = config_values_from_record(record)
+    changed = {}
+    folder = os.path.join(bundle, "configs")
+    for name in sorted(os.listdir(folder)):
+        if not name.endswith(".json") or name == "metadata.json":
+            continue
+        path = os.path.join(folder, name)
+        with open(path) as f:
+            try:
+                config = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"cannot read {path}: {e}") from e
+        notes = []
+        for key, value in values.items():
+            result = _set_config_value(config, key, value)
+            if result is not None:
+                notes.append(f"{result[0]}: {result[1]!r} -> {value!r}")
+        if notes:
+            changed[f"configs/{name}"] = (json.dumps(config, indent=4) + "\n", notes)
+    return changed
+
+
+def _packed_record(record: Mapping, weights_digest: str) -> str:
+    """The record as packed: it names the SHA-256 of the weights it describes (a record beside other weights is
+    refused by ``check_trained_settings``)."""
+    return json.dumps({**record, "weights_sha256": weights_digest}, indent=2, sort_keys=True) + "\n"
 
 
 def _existing_url(bundle: str) -> str | None:
@@ -192,8 +265,32 @@ def pack_bundle(
         raise ValueError("--changelog needs --version (a changelog line belongs to a new version).")
     version = version or current
 
+    # the trained settings travel in the configs (their defaults compute what the weights computed in training)
+    from hybridmim_components.provenance import read_provenance
+
+    record = read_provenance(weights_path)
+    replaced: dict[str, bytes] = {}
+    config_notes: list[str] = []
+    if record is None:
+        print(f"  warning: {PROVENANCE} not found: the packed configs keep their own settings, which nothing can check "
+              "against the ones the weights were trained with", file=sys.stderr)
+    else:
+        for rel, (text, notes) in trained_configs(bundle, record).items():
+            replaced[rel] = text.encode()
+            config_notes += [f"{rel}: {n}" for n in notes]
+        replaced[PROVENANCE] = _packed_record(record, digest).encode()
+    required = metadata.setdefault("required_packages_version", {})
+    if "hybridmim-components" not in required:
+        import hybridmim_components
+
+        required["hybridmim-components"] = hybridmim_components.__version__
+        metadata_text = json.dumps(metadata, indent=4) + "\n"
+    if metadata_text is not None:
+        replaced[METADATA] = metadata_text.encode()
+
     included, left_out = _bundle_files(bundle)
-    large_files = _large_files_yml(name, digest, url or _existing_url(bundle) or URL_PLACEHOLDER)
+    record_digest = hashlib.sha256(replaced[PROVENANCE]).hexdigest() if PROVENANCE in replaced else None
+    large_files = _large_files_yml(name, digest, url or _existing_url(bundle) or URL_PLACEHOLDER, record_digest)
     # the old manifest is replaced; placeholders such as models/.gitkeep are not worth a mention
     left_out = [f for f in left_out if f != LARGE_FILES and not os.path.basename(f).startswith(".")]
     members = {rel: os.path.join(bundle, rel) for rel in included}
@@ -209,8 +306,8 @@ def pack_bundle(
                 info.external_attr = 0o644 << 16
                 if rel == LARGE_FILES:
                     data = large_files.encode()
-                elif rel == METADATA and metadata_text is not None:
-                    data = metadata_text.encode()
+                elif rel in replaced:
+                    data = replaced[rel]
                 else:
                     with open(members[rel], "rb") as f:
                         data = f.read()
@@ -218,6 +315,10 @@ def pack_bundle(
 
     print(f"packed {name} {version} -> {output}")
     print(f"  {len(members)} files; models/model.pt sha256 {digest} (in {LARGE_FILES})")
+    if config_notes:
+        print(f"  trained settings written into the configs ({PROVENANCE}):")
+        for note in config_notes:
+            print(f"    {note}")
     if left_out:
         shown = ", ".join(left_out[:8]) + (f", ... (+{len(left_out) - 8})" if len(left_out) > 8 else "")
         print(f"  left out (training outputs, caches): {shown}")

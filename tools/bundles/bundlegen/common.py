@@ -231,7 +231,7 @@ packs it with the weights; the finetune bundles check it.
 
 
 def provenance_recorder(backbone: str, swin: bool, in_channels, source: str, pool_size=None,
-                        steps_planned=None) -> dict:
+                        steps_planned=None, out_channels=None) -> dict:
     """`train#provenance`: writes models/model.provenance.json whenever models/model.pt is saved (what the weights
     were trained with: preprocessing, backbone, merging order, versions; `hybridmim_components.provenance`)."""
     return {
@@ -247,8 +247,35 @@ def provenance_recorder(backbone: str, swin: bool, in_channels, source: str, poo
             "pool_size": pool_size,
             "steps_planned": steps_planned,
             "source": source,
+            # what a finetune's weights also need to compute as trained (hybridmim_components.trained_settings)
+            **({"out_channels": out_channels} if out_channels is not None else {}),
+            **({"use_v2": "@use_v2"} if swin else {}),
         },
     }
 
 
 ATTACH_PROVENANCE = "$@train#provenance.attach(@train#trainer)"
+
+
+# --- trained weights: the settings they were trained with (hybridmim_components.trained_settings) --------------------
+# stop (instead of warning) when a config's network or preprocessing differs from the trained weights' record
+CHECK_TRAINED_SETTINGS = True
+
+
+def architecture_record(backbone: str, swin: bool, in_channels="@network_def#in_channels",
+                        out_channels="@network_def#out_channels") -> dict:
+    """This config's network in the record's fields (what ``check_trained_settings`` compares)."""
+    record = {"backbone": backbone, "width": "@feature_size" if swin else "@features", "in_channels": in_channels}
+    if out_channels is not None:
+        record["out_channels"] = out_channels
+    if swin:
+        record.update({"downsample": "@downsample", "use_v2": "@use_v2"})
+    return record
+
+
+def trained_settings_check(weights: str = "$@ckpt_dir + '/model.pt'", architecture: str | None = "@architecture_record") -> str:
+    """The expression that compares the config with the record beside ``weights`` before any network computes: the
+    ``_requires_`` of ``network_def`` (so MONAI Label and ``onnx_export``, which parse ``network_def``, check too)."""
+    path = weights[1:] if weights.startswith("$") else weights
+    return (f"$hybridmim_components.check_trained_settings({path}, {architecture or 'None'}, @preprocessing_record, "
+            "enabled=@check_trained_settings)")

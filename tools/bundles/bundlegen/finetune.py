@@ -13,7 +13,8 @@ from tools.bundles.bundlegen.common import (WORKFLOW, ADAMW, ATTACH_RANDOM_STATE
                                             DOWNSAMPLE, DOWNSAMPLE_REF, PRETRAINED_KEYS, USE_V2, RANDOM_STATES,
                                             RESUME_GUARANTEE, SAVER, load_pretrained_call, location_keys,
                                             metadata_header, preprocessing_record, provenance_recorder,
-                                            public_weights_section, ATTACH_PROVENANCE)
+                                            public_weights_section, ATTACH_PROVENANCE, CHECK_TRAINED_SETTINGS,
+                                            architecture_record, trained_settings_check)
 from tools.bundles.bundlegen.figures import performance_section
 from tools.bundles.bundlegen.identity import CHANGED_SETTINGS, loader_keys, run_identity, unless_resuming
 from tools.bundles.bundlegen.onnx import onnx_files, readme_section as onnx_readme_section
@@ -254,6 +255,21 @@ def _network_def(backbone: str, task: str, inference: bool = False) -> dict:
     }
 
 
+def _backbone_class(backbone: str) -> str:
+    return "SwinUNETR" if backbone == "swin" else "BasicUNet"
+
+
+def _trained_settings_keys(backbone: str) -> dict:
+    """Keys of every config that loads the trained ``models/model.pt`` (inference, evaluate): the network in the
+    record's fields and the check of both against ``models/model.provenance.json``
+    (``hybridmim_components.trained_settings``), evaluated as the ``_requires_`` of ``network_def``."""
+    return {
+        "check_trained_settings": CHECK_TRAINED_SETTINGS,
+        "architecture_record": architecture_record(_backbone_class(backbone), backbone == "swin"),
+        "trained_settings_check": trained_settings_check(),
+    }
+
+
 def _intensity(task: str, keys="image") -> list[dict]:
     """Intensity normalisation: CT window (the pretraining bundles' one) or MRI z-score inside the brain."""
     if TASKS[task]["modality"] == "CT":
@@ -268,7 +284,10 @@ def _intensity(task: str, keys="image") -> list[dict]:
                 "clip": True,
             }
         ]
-    return [{"_target_": "NormalizeIntensityd", "keys": keys, "nonzero": True, "channel_wise": True}]
+    # not MONAI's NormalizeIntensityd: invertible since MONAI 1.7 (PR #8905), so Invertd would de-normalise the
+    # predicted probabilities (hybridmim_components/workflow/intensity.py)
+    return [{"_target_": "hybridmim_components.workflow.NonInvertibleNormalizeIntensityd", "keys": keys,
+             "nonzero": True, "channel_wise": True}]
 
 
 def _load_transforms(task: str, with_label: bool, keep_original_label: bool = False) -> list[dict]:
@@ -633,8 +652,8 @@ def train_config(backbone: str, task: str) -> dict:
                                        "max_nonfinite_steps": "@max_nonfinite_steps"}
     # models/model.provenance.json beside the best model: what it was trained with (it may seed another finetune)
     cfg["train"]["provenance"] = provenance_recorder(
-        "SwinUNETR" if backbone == "swin" else "BasicUNet", backbone == "swin", "@network_def#in_channels",
-        bundle_name(backbone, task))
+        _backbone_class(backbone), backbone == "swin", "@network_def#in_channels",
+        bundle_name(backbone, task), out_channels="@network_def#out_channels")
     cfg["initialize"] = [
         # seeded first: the network is built (lazily) by the first entry that references it
         "$monai.utils.set_determinism(seed=@seed)",
@@ -676,6 +695,10 @@ def evaluate_config(backbone: str, task: str) -> dict:
     additional.update(_per_class_metrics(task, "reference", "val_dice", "MeanDice"))
     additional.update(_per_class_metrics(task, "reference", "val_hd95", hd["_target_"], {"percentile": 95.0}))
     return {
+        # the trained model.pt is loaded into train.json's network_def: first its settings are checked against the
+        # weights' record (merging order, width, spacing, window), so that it computes what it computed in training
+        **_trained_settings_keys(backbone),
+        "network_def#_requires_": "@trained_settings_check",
         # one label map per validation case (<image name>_seg.nii.gz in output_dir, the input's geometry)
         "save_predictions": True,
         "validate#preprocessing": {
@@ -775,9 +798,12 @@ def inference_config(backbone: str, task: str) -> dict:
     else:
         post.append({"_target_": "AsDiscreted", "keys": "pred", "argmax": True})
     post.append(_label_map_saver("pred"))
+    cfg["preprocessing_record"] = preprocessing_record(t["modality"] == "CT")
+    cfg.update(_trained_settings_keys(backbone))
     cfg.update(
         {
-            "network_def": _network_def(backbone, task, inference=True),
+            # _requires_: the check runs whenever network_def is built (this config, MONAI Label, onnx_export)
+            "network_def": {**_network_def(backbone, task, inference=True), "_requires_": "@trained_settings_check"},
             "network": "$@network_def.to(@device)",
             "datalist": "$hybridmim_components.workflow.load_datalist(@dataset_dir, @data_list_file_path, 'testing')",
             "preprocessing": {
@@ -959,7 +985,8 @@ def readme(backbone: str, task: str) -> str:
             "(`ConvertToMultiChannelBasedOnBratsClassesd`).\n"
             "- Orientation RAS, resampling to 1 mm isotropic.\n"
             "- Crop to the brain (`CropForegroundd`), z-score normalisation per channel over the non-zero voxels "
-            "(`NormalizeIntensityd(nonzero=True, channel_wise=True)`), pad to `roi_size` if smaller.\n"
+            "(MONAI's `NormalizeIntensityd(nonzero=True, channel_wise=True)`, never undone by `Invertd`), pad to `roi_size` "
+            "if smaller.\n"
         )
     loss = ("`DiceLoss` on the three sigmoid channels" if t["sigmoid"] else
             "`DiceCELoss` (softmax, one-hot labels)")

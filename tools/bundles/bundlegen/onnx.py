@@ -13,6 +13,8 @@ The patch size (``roi_size``) and the channels are fixed in the export. The dumm
 """
 from __future__ import annotations
 
+from tools.bundles.bundlegen.common import trained_settings_check
+
 __all__ = ["EXPORTABLE", "export_command", "inference_onnx_config", "onnx_files", "readme_section"]
 
 #: Backbones whose network ``torch.onnx.export`` (dynamo) exports and onnxruntime runs: both (checked by
@@ -50,8 +52,10 @@ def inference_onnx_config(seed: int) -> dict:
             "intra_op_num_threads": "@onnx_threads",
             "graph_optimization": "@onnx_graph_optimization",
         },
-        # the weights are in the .onnx file: no checkpoint loader
-        "initialize": [f"$monai.utils.set_determinism(seed={seed})"],
+        # the weights are in the .onnx file: no checkpoint loader; the graph fixes the architecture, the
+        # preprocessing is checked against the record (models/model.provenance.json, the sidecar of both files)
+        "initialize": [f"$monai.utils.set_determinism(seed={seed})",
+                       trained_settings_check("@onnx_path", architecture=None)],
     }
 
 
