@@ -261,6 +261,47 @@ def test_runs_are_keyed_by_the_content_of_weights_and_data(tmp_path, monkeypatch
     assert image.split("/")[-1] in capsys.readouterr().out  # says which file changed
 
 
+def test_runs_are_keyed_by_the_bundle_config_and_the_package_version(tmp_path, monkeypatch, capsys):
+    """A finished run is reused only while the config file it ran and the code versions are the same: a changed value
+    in the finetune bundle's train.json reruns the finetunes (not the pretraining); another package version reruns
+    everything; nothing changed reuses everything."""
+    import shutil
+
+    import hybridmim_components
+    from tools.bundles import bundle_runner
+
+    bundles = tmp_path / "bundles"
+    for name in (runner.SMALL_PRETRAIN, runner.SMALL_FINETUNE):
+        shutil.copytree(os.path.join(runner.BUNDLES, name, "configs"), bundles / name / "configs")
+    monkeypatch.setattr(runner, "BUNDLES", str(bundles))
+    monkeypatch.setattr(bundle_runner, "BUNDLES", str(bundles))
+    out = str(tmp_path / "out")
+    argv = ["--small", "--out_dir", out, "--fractions", "1.0", "--seeds", "0"]
+    fake = FakeBundle()
+    monkeypatch.setattr(runner, "run_stage", fake)
+    assert label_efficiency.main(argv) == 0
+    assert len(fake.titles) == 3  # pretraining, 2 finetunes
+
+    fake.titles.clear()
+    assert label_efficiency.main(argv) == 0
+    assert fake.titles == []  # same configs, data and versions: reused
+
+    train = bundles / runner.SMALL_FINETUNE / "configs" / "train.json"
+    config = json.loads(train.read_text())
+    config["weight_decay"] = config["weight_decay"] * 2  # a value no override sets
+    train.write_text(json.dumps(config, indent=4))
+    capsys.readouterr()
+    assert label_efficiency.main(argv) == 0
+    assert len(fake.titles) == 2 and all(t.startswith("finetune") for t in fake.titles)
+    assert "train.json" in capsys.readouterr().out  # says what changed
+
+    fake.titles.clear()
+    monkeypatch.setattr(hybridmim_components, "__version__", hybridmim_components.__version__ + ".post1")
+    assert label_efficiency.main(argv) == 0
+    assert len(fake.titles) == 3
+    assert "hybridmim_components" in capsys.readouterr().out
+
+
 def test_a_marker_without_content_key_runs_again(tmp_path, monkeypatch):
     out = str(tmp_path / "out")
     argv = ["--small", "--out_dir", out, "--fractions", "1.0", "--seeds", "0"]

@@ -3,11 +3,13 @@
 Every pretraining and finetuning is one ``python -m monai.bundle run`` of a bundle's ``train.json`` with overrides
 (:mod:`tools.bundles.bundle_runner`), in ``<out_dir>/runs/<run id>/`` with its full log in ``<out_dir>/logs/<run id>.log``.
 When a run has finished and its numbers have been read back, ``runs/<run id>/result.json`` is written atomically
-(temporary file, then rename): it holds the overrides and the result. A later invocation skips every run whose
-``result.json`` exists with the same overrides and the same content (SHA-256) of every file it consumes (weights,
-datalists, the images and labels they list: :func:`consumed_files`), and refuses (naming the file) if the overrides
-differ; a run whose consumed files changed (e.g. a redone pretraining wrote new weights) or without ``result.json``
-(interrupted) is started again from an empty folder.
+(temporary file, then rename): it holds the overrides and the result. A finished run is keyed by content, never by
+paths alone: a later invocation skips a run whose ``result.json`` exists with the same overrides, the same content
+(SHA-256) of the bundle config file it ran and of every file it consumes (weights, datalists, the images and labels
+they list: :func:`consumed_files`), and the same versions of this package, MONAI and PyTorch (:func:`content_key`).
+It refuses (naming the file) if the overrides differ; a run whose config, consumed files or versions changed (e.g. a
+redone pretraining wrote new weights, a default in train.json was changed) or without ``result.json`` (interrupted) is
+started again from an empty folder.
 
 Two presets:
 
@@ -378,9 +380,22 @@ def consumed_files(overrides: dict, run_dir: str, inputs=None) -> list[str]:
                    and not os.path.abspath(f).startswith(own)})
 
 
-def content_key(overrides: dict, run_dir: str, inputs=None) -> dict[str, str]:
-    """``{path: SHA-256}`` of :func:`consumed_files`."""
-    return {path: content_hash(path) for path in consumed_files(overrides, run_dir, inputs)}
+def code_versions() -> dict[str, str]:
+    """``{"version:<package>": version}`` of the code that computes a run: this package, MONAI, PyTorch."""
+    import monai
+    import torch
+
+    import hybridmim_components
+
+    return {"version:hybridmim_components": hybridmim_components.__version__,
+            "version:monai": monai.__version__, "version:torch": torch.__version__}
+
+
+def content_key(overrides: dict, run_dir: str, inputs=None, configs=()) -> dict[str, str]:
+    """What a finished run's result depends on, by content: ``{path: SHA-256}`` of the bundle ``configs`` it ran and
+    of :func:`consumed_files`, plus :func:`code_versions`."""
+    files = sorted({os.path.abspath(c) for c in configs} | set(consumed_files(overrides, run_dir, inputs)))
+    return {**{path: content_hash(path) for path in files}, **code_versions()}
 
 
 class Runs:
@@ -407,7 +422,9 @@ class Runs:
         """
         run_dir, log_path = self.run_dir(run_id), self.log_path(run_id)
         marker = os.path.join(run_dir, "result.json")
-        content = content_key(overrides, run_dir, inputs)
+        command = bundle_command(bundle, [config], overrides)
+        config_file = command[command.index("--config_file") + 1]  # the file the run reads, hashed below
+        content = content_key(overrides, run_dir, inputs, configs=[config_file])
         done = None
         if os.path.isfile(marker):
             with open(marker, encoding="utf-8") as f:
@@ -431,7 +448,7 @@ class Runs:
                        ", ".join(sorted(p for p in set(old) | set(content) if old.get(p) != content.get(p))))
             print(f"{title}: finished earlier, but what it consumes changed ({changed}); running it again")
         shutil.rmtree(run_dir, ignore_errors=True)  # an interrupted run starts again from nothing
-        wall = run_stage(title, bundle_command(bundle, [config], overrides), log_path, total_steps)
+        wall = run_stage(title, command, log_path, total_steps)
         result = {**collect(run_dir, log_path), "wall_s": round(wall, 2)}
         write_json_atomic(marker, {"run": run_id, "bundle": bundle, "overrides": jsonable(overrides),
                                    "inputs": jsonable(inputs), "content": content, "result": result})
