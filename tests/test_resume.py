@@ -493,3 +493,23 @@ def test_two_process_ddp_run_killed_after_a_checkpoint_resumes_exactly(tmp_path)
     assert len(b["random_states"]["ranks"]) == 2
     assert a["trainer"]["iteration"] == b["trainer"]["iteration"]
     _assert_same_tensors(a["network"], b["network"], "weights")
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_with_two_loader_workers_equals_an_uninterrupted_run(tmp_path):
+    """The bundles default to 4 loader workers, whose seeds come from torch's generator at each epoch: restored with
+    it, the resumed run's workers draw what an uninterrupted run's draw (the tests above use num_workers=0)."""
+    bundle = "hybridmim_unet_msd_spleen"
+    whole, killed = str(tmp_path / "whole"), str(tmp_path / "killed")
+    overrides = {**_finetune_overrides(tmp_path, whole), "train#dataloader#num_workers": 2,
+                 "train#trainer#max_epochs": 3}
+    _run(_cli(bundle, overrides), "uninterrupted run")
+    overrides["bundle_root"] = killed
+    _kill_after(_cli(bundle, overrides), os.path.join(killed, "models", "checkpoint_epoch=2.pt"),
+                str(tmp_path / "killed.log"))
+    text = _run(_cli(bundle, {**overrides, "resume": True}), "resumed run")
+    assert "restored the random states" in text and "Epoch[1] Complete" not in text
+    a, b = _final(whole), _final(killed)
+    assert a["trainer"]["iteration"] == b["trainer"]["iteration"]
+    _assert_same_tensors(a["model"], b["model"], "weights")
+    _assert_same_tensors(a["optimizer"]["state"], b["optimizer"]["state"], "optimizer")

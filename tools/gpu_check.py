@@ -42,6 +42,7 @@ if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
 from tools.benchmarks.compute_step_cost import bundle_parser, count_step, to_device, training_parts  # noqa: E402
+from hybridmim_components.atomic_files import atomic_open  # noqa: E402
 
 #: family -> bundles checked (the BraTS pretraining bundles: same networks, 4 channels, 128³ crops)
 FAMILIES = {
@@ -304,9 +305,9 @@ def write(result: dict, output_dir: str) -> tuple[str, str]:
     os.makedirs(output_dir, exist_ok=True)
     stem = os.path.join(output_dir, f"gpu_check_{'cuda' if result['machine']['gpu'] else 'cpu'}"
                         + ("_tiny" if result["tiny"] else ""))
-    with open(stem + ".json", "w") as f:
+    with atomic_open(stem + ".json", "w") as f:
         json.dump(result, f, indent=2)
-    with open(stem + ".md", "w") as f:
+    with atomic_open(stem + ".md", "w") as f:
         f.write(markdown(result))
     return stem + ".json", stem + ".md"
 

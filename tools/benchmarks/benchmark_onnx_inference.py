@@ -43,6 +43,7 @@ if REPO_ROOT not in sys.path:
 
 from hybridmim_components.workflow import OnnxNetwork  # noqa: E402
 from tools.bundles.bundlegen.onnx import CONVERTER_KWARGS  # noqa: E402
+from hybridmim_components.atomic_files import atomic_open  # noqa: E402
 
 BUNDLES_DIR = os.path.join(REPO_ROOT, "bundles")
 DEFAULT_VARIANT = {"threads": 0, "opt": "all", "stable": 1, "batch": 1}
@@ -239,10 +240,10 @@ def main(argv=None) -> int:
     report["command"] = command.strip()
     if args.output:
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-        with open(args.output, "w") as f:
+        with atomic_open(args.output, "w") as f:
             json.dump(report, f, indent=2)
             f.write("\n")
-        with open(os.path.splitext(args.output)[0] + ".md", "w") as f:
+        with atomic_open(os.path.splitext(args.output)[0] + ".md", "w") as f:
             f.write(markdown(report, report["command"]))
     return 0
 

@@ -32,6 +32,7 @@ import sys
 import time
 
 import numpy as np
+from hybridmim_components.atomic_files import atomic_open
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if REPO_ROOT not in sys.path:
@@ -424,7 +425,7 @@ def main(argv=None) -> int:
     result["command"] = command.strip()
     for path, text in ((args.json, json.dumps(result, indent=1)), (args.markdown, markdown(result, command.strip()))):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "w") as f:
+        with atomic_open(path, "w") as f:
             f.write(text + "\n")
     print(markdown(result, command.strip()))
     return 0

@@ -52,6 +52,7 @@ if REPO_ROOT not in sys.path:
 from hybridmim_components import HierarchicalMaskd, HybridMIMLoss, HybridMIMSwinUNETR, HybridMIMUNet  # noqa: E402
 from hybridmim_components.workflow.mixed_precision import amp_kwargs  # noqa: E402
 from hybridmim_components.networks import crop_to_region  # noqa: E402
+from hybridmim_components.atomic_files import atomic_open  # noqa: E402
 
 BUNDLES_DIR = os.path.join(REPO_ROOT, "bundles")
 PRECISIONS = ("fp32", "amp")
@@ -552,7 +553,7 @@ def main(argv=None) -> dict:
             f"{part} {v:.2f}" for part, v in result["max_rss_gib"].items()))
     if args.output:
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-        with open(args.output, "w", encoding="utf-8") as f:
+        with atomic_open(args.output, "w", encoding="utf-8") as f:
             json.dump(result, f, indent=2)
     return result
 

@@ -35,6 +35,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
+from hybridmim_components.atomic_files import atomic_open
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if REPO_ROOT not in sys.path:
@@ -271,9 +272,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
               "h100_bf16_dense_tflops": H100_BF16_DENSE_TFLOPS, "utilisation": UTILISATION,
               "overrides": overrides, "rows": rows}
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output + ".json", "w") as f:
+    with atomic_open(args.output + ".json", "w") as f:
         json.dump(result, f, indent=2)
-    with open(args.output + ".md", "w") as f:
+    with atomic_open(args.output + ".md", "w") as f:
         f.write(markdown(rows, command))
     print(f"wrote {args.output}.json and {args.output}.md")
     return rows

@@ -18,6 +18,7 @@ if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
 from tools.bundles.bundlegen.common import common_files  # noqa: E402
+from hybridmim_components.atomic_files import atomic_open  # noqa: E402
 
 FAMILIES = ("tools.bundles.bundlegen.pretrain", "tools.bundles.bundlegen.finetune")
 
@@ -65,7 +66,7 @@ def write(bundles_dir: str) -> None:
         for rel, text in files.items():
             path = os.path.join(bundles_dir, name, rel)
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(path, "w", encoding="utf-8") as f:
+            with atomic_open(path, "w", encoding="utf-8") as f:
                 f.write(text)
 
 

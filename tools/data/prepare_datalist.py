@@ -47,6 +47,7 @@ if __package__ in (None, ""):  # run as a file: make ``tools`` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from tools.data.file_identity import same_image  # noqa: E402
+from hybridmim_components.atomic_files import atomic_open  # noqa: E402
 
 __all__ = ["btcv", "msd", "brats", "pool", "split_indices", "BTCV_SWINUNETR_VALIDATION", "BRATS_MODALITIES"]
 
@@ -117,7 +118,7 @@ def _write(dataset_dir: str, content: Dict, output: Optional[str], name: str) ->
         raise ValueError(f"{name}: refusing to overwrite '{path}' (it may be the dataset's own MSD dataset.json); "
                          "choose another output name.")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
+    with atomic_open(path, "w", encoding="utf-8") as f:
         json.dump(content, f, indent=2)
     counts = ", ".join(f"{k} {len(v)}" for k, v in content.items() if isinstance(v, list))
     print(f"{name}: wrote {path} ({counts}); paths relative to {os.path.abspath(dataset_dir)}")

@@ -55,6 +55,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+from hybridmim_components.atomic_files import atomic_open, atomic_path
 
 __all__ = [
     "DicomConversionError",
@@ -542,7 +543,8 @@ def _save(array: np.ndarray, affine: np.ndarray, path: str) -> None:
     image.set_qform(affine, code=1)  # scanner coordinates
     image.set_sform(affine, code=1)
     image.header.set_xyzt_units("mm")
-    nib.save(image, path)
+    with atomic_path(path) as tmp:  # keeps the extensions: nibabel picks the format by them
+        nib.save(image, tmp)
 
 
 def _convert_loaded(series: CTSeries, structure: StructureSet, rois, image_path, label_path, merge, clip) -> dict:
@@ -620,7 +622,7 @@ def convert_patients(patient_dirs: Sequence[str], out_dir: str, rois: Sequence[s
     datalist = {"training": [entries[i] for i in train_idx], "validation": [entries[i] for i in val_idx],
                 "testing": [{"image": entries[i]["image"]} for i in val_idx]}
     path = output if os.path.isabs(output) else os.path.join(out_dir, output)
-    with open(path, "w", encoding="utf-8") as f:
+    with atomic_open(path, "w", encoding="utf-8") as f:
         json.dump(datalist, f, indent=2)
     print(f"wrote {path} (training {len(train_idx)}, validation {len(val_idx)}, testing = the validation images); "
           f"paths relative to {out_dir}")

@@ -37,6 +37,7 @@ import os
 import zlib
 
 import torch
+from hybridmim_components.atomic_files import atomic_open
 
 REFERENCE_PATH = os.path.join(
     os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
@@ -111,17 +112,18 @@ def main() -> None:
     with torch.no_grad():
         y = net(x)  # [1, 2, 64, 32, 32]
     os.makedirs(os.path.dirname(REFERENCE_PATH), exist_ok=True)
-    torch.save(
-        {
-            "input": x.half(),  # exact (see seeded_input); halves the file
-            "output": y,
-            "sha256": fingerprints(weights),
-            "seed": SEED,
-            "monai_version": str(monai.__version__),
-            "torch_version": str(torch.__version__),  # a TorchVersion would not load with weights_only
-        },
-        REFERENCE_PATH,
-    )
+    with atomic_open(REFERENCE_PATH, "wb") as f:
+        torch.save(
+            {
+                "input": x.half(),  # exact (see seeded_input); halves the file
+                "output": y,
+                "sha256": fingerprints(weights),
+                "seed": SEED,
+                "monai_version": str(monai.__version__),
+                "torch_version": str(torch.__version__),  # a TorchVersion would not load with weights_only
+            },
+            f,
+        )
     torch.load(REFERENCE_PATH, weights_only=True)  # what the test does
     print(
         f"wrote {REFERENCE_PATH} ({os.path.getsize(REFERENCE_PATH) / 1e6:.2f} MB): MONAI {monai.__version__}, "
