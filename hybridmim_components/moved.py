@@ -61,8 +61,9 @@ class HybridMIMDeprecationWarning(FutureWarning):
 
 def _warn(old: str, new: str, stacklevel: int) -> None:
     warnings.warn(
-        f"'{old}' moved to '{new}'; the old path still works but will be removed in a later release: "
-        f"replace it in your bundle's configs (docs/compatibility.md).",
+        # "deprecated:" first: some libraries (ITK) print a warning's message alone, without its class
+        f"deprecated: '{old}' moved to '{new}'; the old path still works until a later release removes it: "
+        f"replace it in the bundle's configs (docs/compatibility.md).",
         HybridMIMDeprecationWarning,
         stacklevel=stacklevel + 1,  # the user's line (import machinery frames are skipped by ``warnings``)
     )

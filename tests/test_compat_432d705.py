@@ -101,11 +101,47 @@ def test_old_name_resolves_through_config_parser(name):
             continue
         assert ours, f"{name} ({form}) moved to {new} but no HybridMIMDeprecationWarning was raised"
         # the warning names a prefix of the old name and where that prefix is now
-        found = re.search(r"'([\w.]+)' moved to '([\w.]+)'", ours[0])
+        found = re.search(r"^deprecated: '([\w.]+)' moved to '([\w.]+)'", ours[0])
         assert found, ours[0]
         old_part, new_part = found.groups()
         assert name == old_part or name.startswith(old_part + "."), (name, ours[0])
         assert new == new_part + name[len(old_part):], (name, new, ours[0])
+
+
+def test_import_statement_gets_the_new_module():
+    _forget_old_names()
+    with pytest.warns(moved.HybridMIMDeprecationWarning,
+                      match=r"'hybridmim_components\.data' moved to 'hybridmim_components\.workflow\.data'"):
+        import hybridmim_components.data as old_module
+    from hybridmim_components.workflow import data as new_module
+
+    assert old_module is new_module
+
+
+def test_checkpoint_without_random_states_resumes_with_a_warning(tmp_path, caplog):
+    # the rule of the slow CLI test below on a bare ignite engine: the old checkpoint's entries load, the random
+    # states are reported missing (not an error)
+    import logging
+
+    from ignite.engine import Engine
+
+    from hybridmim_components.workflow import RandomStates, ResumeFromLatestCheckpoint
+
+    def engine() -> Engine:
+        return Engine(lambda e, batch: None)
+
+    old = engine()
+    old.run([0, 1, 2], max_epochs=1)
+    torch.save({"trainer": old.state_dict()}, tmp_path / "checkpoint_epoch=1.pt")  # as 0.1.0 wrote it
+    trainer = engine()
+    states = RandomStates(trainer)
+    states.attach(trainer)
+    with caplog.at_level(logging.WARNING):
+        ResumeFromLatestCheckpoint(str(tmp_path), {"trainer": trainer, "random_states": states}).attach(trainer)
+        trainer.run([0, 1, 2], max_epochs=2)
+    assert trainer.state.iteration == 6 and trainer.state.epoch == 2  # continued at iteration 3
+    assert any("holds no random states" in r.getMessage() and "not exact" in r.getMessage() for r in caplog.records)
+    assert states.state_dict()["iteration"] == 6  # and records them for the next checkpoint
 
 
 def test_moved_warning_is_visible_by_default():
@@ -178,8 +214,7 @@ def test_packed_bundle_downloads_and_infers(tmp_path):
                  *_cli({"bundle_root": str(bundle), "dataset_dir": str(data), "data_list_file_path": "datalist.json",
                         "dataloader#num_workers": 0, **TRAINED})], cwd=str(tmp_path))
     # the old configs' imports went through the aliases, loudly
-    assert "HybridMIMDeprecationWarning" in text
-    assert "'hybridmim_components.data' moved to 'hybridmim_components.workflow.data'" in text
+    assert "deprecated: 'hybridmim_components.data' moved to 'hybridmim_components.workflow.data'" in text
     seg = nib.load(str(bundle / "eval" / "case_seg.nii.gz")).get_fdata()
     assert seg.shape == image.shape
     assert set(np.unique(seg)) <= {0.0, 1.0}
