@@ -32,6 +32,8 @@ Authentication is huggingface_hub's: ``hf auth login`` once, ``HF_TOKEN``, or ``
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import re
@@ -199,8 +201,10 @@ def prepare_upload_folder(source: str, root: str, weights_license: str | None = 
     if os.path.isdir(source):
         from tools.bundles.pack_bundle import pack_bundle
 
-        # a folder goes through the same packing as a shared zip: what the Hub gets is what a zip would hold
-        source = pack_bundle(source, output=os.path.join(root, "packed.zip"))
+        # a folder goes through the same packing as a shared zip: what the Hub gets is what a zip would hold (its
+        # "download it with --url" advice is for a zip the user keeps, not this temporary one)
+        with contextlib.redirect_stdout(io.StringIO()):
+            source = pack_bundle(source, output=os.path.join(root, "packed.zip"))
     elif not os.path.isfile(source):
         raise FileNotFoundError(f"{source}: no such bundle zip or folder.")
     unpacked = os.path.join(root, "bundle")
@@ -257,7 +261,7 @@ def publish(source: str, repo: str, token: str | None = None, private: bool = Tr
     if not _REPO.match(repo):
         raise ValueError(f"--repo {repo!r}: expected <user or organisation>/<repository name>, e.g. "
                          "my-lab/hybridmim_unet_pretrain.")
-    root = staging or tempfile.mkdtemp(prefix="publish_hf_")
+    root = os.path.abspath(staging) if staging else tempfile.mkdtemp(prefix="publish_hf_")
     try:
         upload = prepare_upload_folder(source, root, weights_license)
         print(f"prepared {upload.name} {upload.version} in {upload.folder}"
