@@ -8,7 +8,8 @@ below instead of breaking those bundles:
   attribute (a ``$`` expression) and ``<old>.<Name>`` (a ``_target_``) all give the new module itself, through
   :class:`MovedModuleFinder` on ``sys.meta_path`` and the package's ``__getattr__``.
 - :data:`MOVED_NAMES`: a single name that moved (re-exported elsewhere, or renamed). Served by the ``__getattr__`` of
-  the old name's module (``hybridmim_components/__init__.py`` installs :func:`moved_attribute` for the package).
+  the module that now answers for the old name's module (``hybridmim_components/__init__.py`` installs
+  :func:`moved_attribute` for the package; a module elsewhere installs it the same way when it needs an entry).
 
 Using an old path warns with :class:`HybridMIMDeprecationWarning`, naming the old and the new path (an old module:
 at its first import in a process). Only paths that no longer exist belong here: a module or name that still exists is
@@ -120,6 +121,9 @@ def moved_attribute(module_name: str, name: str):
     old = f"{module_name}.{name}"
     if old in MOVED_MODULES:
         return importlib.import_module(old)  # through MovedModuleFinder: warns, and sets the attribute on the package
+    # a moved module is reached under its old names too: a name renamed inside it is listed under either
+    aliases = [o for o, n in MOVED_MODULES.items() if n == module_name]
+    old = next((f"{m}.{name}" for m in [module_name, *aliases] if f"{m}.{name}" in MOVED_NAMES), old)
     new = MOVED_NAMES.get(old)
     if new is None:
         raise AttributeError(f"module '{module_name}' has no attribute '{name}'")

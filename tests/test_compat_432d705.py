@@ -144,6 +144,26 @@ def test_checkpoint_without_random_states_resumes_with_a_warning(tmp_path, caplo
     assert states.state_dict()["iteration"] == 6  # and records them for the next checkpoint
 
 
+def test_a_name_renamed_inside_a_moved_module(monkeypatch):
+    # the table's other kind of entry, as the next moves will need it: old module path + old name -> new name
+    from monai.bundle import ConfigParser
+
+    from hybridmim_components.workflow import progress
+
+    old, new = "hybridmim_components.progress.old_loss_of", "hybridmim_components.workflow.progress.loss_of"
+    monkeypatch.setitem(moved.MOVED_NAMES, old, new)
+    monkeypatch.setattr(progress, "__getattr__", lambda name: moved.moved_attribute(progress.__name__, name),
+                        raising=False)
+    assert moved.new_path(old) == new
+    _forget_old_names()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        value = ConfigParser({"x": {"_target_": old, "_mode_": "callable"}}).get_parsed_content("x")
+    assert value is progress.loss_of
+    messages = [str(w.message) for w in caught if issubclass(w.category, moved.HybridMIMDeprecationWarning)]
+    assert any(f"'{old}' moved to '{new}'" in m for m in messages), messages
+
+
 def test_moved_warning_is_visible_by_default():
     # a FutureWarning: shown without -W flags even when raised inside MONAI's code (DeprecationWarning is not)
     assert issubclass(moved.HybridMIMDeprecationWarning, FutureWarning)
