@@ -260,7 +260,8 @@ def _convert(checkpoint: Mapping, path: str):
 def _format_report(report: dict, limit: int = 20) -> str:
     lines = [f"pretrained weights {report['path']}:"]
     if report.get("layout"):
-        lines.append(f"  layout: {report['layout']}")
+        how = {"hash": " (identified by its published digest)", "shapes": " (a guess from tensor shapes only)"}
+        lines.append(f"  layout: {report['layout']}{how.get(report.get('identified_by'), '')}")
     for key in ("loaded", "missing", "unexpected", "mis_shaped", "left_to_train", "adapted"):
         names = report.get(key, [])
         if key == "adapted" and not names:
