@@ -261,7 +261,10 @@ def _format_report(report: dict, limit: int = 20) -> str:
     lines = [f"pretrained weights {report['path']}:"]
     if report.get("layout"):
         how = {"hash": " (identified by its published digest)", "shapes": " (a guess from tensor shapes only)"}
-        lines.append(f"  layout: {report['layout']}{how.get(report.get('identified_by'), '')}")
+        how = how.get(report.get("identified_by"), "")
+        if how and report.get("record_beside"):
+            how = " (the provenance record beside the file states what it is)"
+        lines.append(f"  layout: {report['layout']}{how}")
     for key in ("loaded", "missing", "unexpected", "mis_shaped", "left_to_train", "adapted"):
         names = report.get(key, [])
         if key == "adapted" and not names:
@@ -331,7 +334,8 @@ def load_pretrained_weights(
 
     Returns:
         The report: ``path``, ``layout``, ``identified_by`` (``"hash"``, ``"keys"``, ``"shapes"``: a guess, or
-        ``None`` for a plain state dict), ``merging_from`` (who states the patch-merging order, or ``None``),
+        ``None`` for a plain state dict), ``record_beside`` (a provenance record lies beside the file),
+        ``merging_from`` (who states the patch-merging order, or ``None``),
         ``scope``, ``sha256`` (the verified digest or ``None``), ``provenance`` (the
         record compared, or ``None``), ``preprocessing_mismatches`` and name lists ``loaded``, ``missing``,
         ``unexpected`` (incl. heads a public layout drops), ``mis_shaped``, ``left_to_train`` (allowed missing/
@@ -424,6 +428,7 @@ def load_pretrained_weights(
         "path": path,
         "layout": layout_name,
         "identified_by": identified_by,
+        "record_beside": own_record is not None,
         "merging_from": merging_from,
         "scope": scope,
         "sha256": verified.split()[1] if verified and verified.startswith("sha256 ") else None,
