@@ -113,7 +113,7 @@ class MovedModuleFinder(importlib.abc.MetaPathFinder):
 
 
 def moved_attribute(module_name: str, name: str):
-    """The object an old attribute ``<module_name>.<name>`` now is (warning once), for a module's ``__getattr__``.
+    """The object an old attribute ``<module_name>.<name>`` now is (with the warning), for a module's ``__getattr__``.
 
     Serves moved modules (``hybridmim_components.data`` without an import: a ``$`` expression) and the names of
     :data:`MOVED_NAMES`. Raises ``AttributeError`` for anything else, as a missing attribute would.
