@@ -1,0 +1,211 @@
+"""A shared bundle travels: trained here, packed, downloaded and run where only the released package is installed.
+
+A tiny SwinUNETR spleen finetune is trained through its ``train.json`` (MONAI CLI) with ``--downsample
+merging_legacy``, the order every public SwinUNETR checkpoint was trained with. Then:
+
+1. In the trained folder, the default ``inference.json``, ``evaluate.json`` and ``onnx_export`` of a user who
+   remembered the width but not the merging order stop before computing anything, naming ``downsample``, both values
+   and the override (before ``hybridmim_components.trained_settings`` they ran and computed other features).
+2. The folder is packed (``tools/bundles/pack_bundle.py``) and the zip downloaded with ``python -m monai.bundle
+   download --url file://...`` into a folder outside the checkout, by a Python whose only install of this project is
+   the wheel built from it (``pip wheel``, not editable): a fresh venv, with the wheel installed into it and the
+   dependencies (torch, MONAI, ...) of the test environment visible through a ``.pth`` line, so that no checkout and no
+   editable finder can be imported (asserted). There the default commands, with only the data's location and the
+   runtime (``amp``, loader workers) given, run: ``inference.json`` writes the label maps the trained network computes
+   (equal to a run in the trained folder with the right overrides), ``evaluate.json`` scores it, ``onnx_export`` and
+   ``inference_onnx.json`` agree with PyTorch.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NAME = "hybridmim_swin_msd_spleen"
+SOURCE = os.path.join(REPO_ROOT, "bundles", NAME)
+WIDTH, ROI = 12, [64, 64, 64]
+# what the package's wheel is built from (a copy: the build leaves build/ and *.egg-info behind)
+PACKAGE_FILES = ("setup.cfg", "pyproject.toml", "README.md", "LICENSE", "CHANGELOG.md", "MANIFEST.in",
+                 "hybridmim_components")
+# not trained settings: how this machine runs them (inference.json; evaluate.json is layered on train.json)
+RUNTIME = {"amp": False, "dataloader#num_workers": 0}
+EVAL_RUNTIME = {"amp": False, "train#dataloader#num_workers": 0}
+
+
+def env(python_path: str | None = REPO_ROOT) -> dict:
+    e = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    e.pop("BUNDLE_DOWNLOAD_SRC", None)
+    e.pop("PYTHONPATH", None)
+    if python_path:
+        e["PYTHONPATH"] = python_path
+    return e
+
+
+def run(args: list[str], cwd: str, python_path: str | None = REPO_ROOT, timeout: int = 900):
+    return subprocess.run(args, cwd=cwd, env=env(python_path), capture_output=True, text=True, timeout=timeout)
+
+
+def ok(proc, what: str) -> str:
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"{what} failed (exit {proc.returncode}):\n{text[-6000:]}"
+    return text
+
+
+def cli(overrides: dict) -> list[str]:
+    args = []
+    for key, value in overrides.items():
+        if value is None:  # left out
+            continue
+        args += [f"--{key}", value if isinstance(value, str) else repr(value)]
+    return args
+
+
+def data_overrides(datalist: str) -> dict:
+    return {"dataset_dir": os.path.dirname(datalist), "data_list_file_path": os.path.basename(datalist)}
+
+
+def configs(root: str, *names: str) -> str:
+    files = [os.path.join(root, "configs", n) for n in names]
+    return files[0] if len(files) == 1 else json.dumps(files)
+
+
+def label_maps(folder: str) -> dict[str, np.ndarray]:
+    found = sorted(glob.glob(os.path.join(folder, "**", "*_seg.nii.gz"), recursive=True))
+    assert found, f"no label maps under {folder}"
+    return {os.path.basename(p): np.asarray(nib.load(p).dataobj) for p in found}
+
+
+# ---------------------------------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """``(trained bundle folder, datalist)``: one epoch of the tiny Swin spleen finetune with merging_legacy."""
+    from tools.data.make_demo_data import make_ct_dataset
+
+    work = tmp_path_factory.mktemp("shared")
+    datalist = make_ct_dataset(str(work / "data"), num_classes=2, n_train=1, n_val=1, n_test=1)
+    root = str(work / "trained" / NAME)
+    shutil.copytree(SOURCE, root, ignore=shutil.ignore_patterns("*.pt", "eval"))
+    overrides = {"bundle_root": root, **data_overrides(datalist), "feature_size": WIDTH, "downsample": "merging_legacy",
+                 "roi_size": ROI, "amp": False, "use_checkpoint": False, "pretrained_path": "", "num_samples": 1,
+                 "cache_rate": 0, "train#dataloader#num_workers": 0, "val_interval": 1, "train#trainer#max_epochs": 1}
+    ok(run([sys.executable, "-m", "monai.bundle", "run", "--config_file", configs(root, "train.json"),
+            *cli(overrides)], REPO_ROOT), "tiny Swin finetune with merging_legacy")
+    assert os.path.isfile(os.path.join(root, "models", "model.provenance.json"))
+    return root, datalist
+
+
+@pytest.fixture(scope="module")
+def wheel_python(tmp_path_factory):
+    """A Python whose only install of this project is its wheel (see the module docstring)."""
+    work = tmp_path_factory.mktemp("wheel")
+    src = work / "src"
+    src.mkdir()
+    for name in PACKAGE_FILES:
+        path = os.path.join(REPO_ROOT, name)
+        if os.path.isdir(path):
+            shutil.copytree(path, src / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        elif os.path.isfile(path):
+            shutil.copy(path, src / name)
+    ok(run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(work / "dist"),
+            str(src)], str(work), python_path=None), "pip wheel")
+    (wheel,) = glob.glob(str(work / "dist" / "hybridmim_components-*.whl"))
+    venv = work / "venv"
+    ok(run([sys.executable, "-m", "venv", "--without-pip", str(venv)], str(work), python_path=None), "venv")
+    python = str(venv / "bin" / "python")
+    ok(run([sys.executable, "-m", "pip", "--python", python, "install", "-q", "--no-deps", wheel], str(work),
+           python_path=None), "pip install the wheel")
+    site = run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], str(work), None)
+    # the test environment's packages (torch, MONAI, ...): a plain path line, so its editable finder is not loaded
+    with open(os.path.join(site.stdout.strip(), "test_environment.pth"), "w") as f:
+        f.write(sysconfig.get_paths()["purelib"] + "\n")
+    found = run([python, "-c", "import hybridmim_components as h; print(h.__file__)"], str(work), None)
+    assert found.returncode == 0 and found.stdout.startswith(str(venv)), found.stdout + found.stderr
+    checkout = run([python, "-c", "import tools.bundles"], str(work), None)  # the checkout's tools/ are not there
+    assert "ModuleNotFoundError" in checkout.stderr, checkout.stdout + checkout.stderr
+    return python, work
+
+
+# ------------------------------------------------------------------------------------------------------------- tests
+def test_default_commands_of_the_trained_folder_stop_on_the_forgotten_merging_order(trained, tmp_path):
+    root, datalist = trained
+    remembered = {"bundle_root": root, **data_overrides(datalist), "feature_size": WIDTH, "roi_size": ROI,
+                  "output_dir": str(tmp_path / "out"), **RUNTIME}
+    expected = "downsample: trained with 'merging_legacy', this config has 'merging'"
+    commands = {
+        "inference.json": ["run", "--config_file", configs(root, "inference.json"), *cli(remembered)],
+        "evaluate.json": ["run", "--config_file", configs(root, "train.json", "evaluate.json"),
+                          *cli({**remembered, **EVAL_RUNTIME, "dataloader#num_workers": None})],
+        "onnx_export": ["onnx_export", "network_def", "--filepath", str(tmp_path / "model.onnx"), "--ckpt_file",
+                        os.path.join(root, "models", "model.pt"), "--config_file", configs(root, "inference.json"),
+                        "--input_shape", "[2, 1, 64, 64, 64]", *cli({"bundle_root": root, "feature_size": WIDTH})],
+    }
+    for what, args in commands.items():
+        proc = run([sys.executable, "-m", "monai.bundle", *args], REPO_ROOT)
+        text = proc.stdout + proc.stderr
+        assert proc.returncode != 0 and expected in text and "--downsample merging_legacy" in text, (what, text[-3000:])
+        assert not os.path.exists(tmp_path / "out") and not os.path.exists(tmp_path / "model.onnx"), what
+
+
+def test_a_packed_bundle_runs_from_the_wheel_outside_the_checkout(trained, wheel_python, tmp_path):
+    root, datalist = trained
+    python, _ = wheel_python
+    outside = str(tmp_path / "elsewhere")
+    os.makedirs(outside)
+
+    # the reference: the trained folder, run here with the overrides its trainer used
+    reference = str(tmp_path / "reference")
+    ok(run([sys.executable, "-m", "monai.bundle", "run", "--config_file", configs(root, "inference.json"),
+            *cli({"bundle_root": root, **data_overrides(datalist), "feature_size": WIDTH,
+                  "downsample": "merging_legacy", "roi_size": ROI, "output_dir": reference, **RUNTIME})], REPO_ROOT),
+       "reference inference")
+
+    zip_path = str(tmp_path / "dist" / f"{NAME}_v0.2.1.zip")
+    packed = ok(run([sys.executable, os.path.join(REPO_ROOT, "tools", "bundles", "pack_bundle.py"), root,
+                     "--output", zip_path, "--version", "0.2.1"], REPO_ROOT), "pack")
+    assert "downsample: 'merging' -> 'merging_legacy'" in packed and "feature_size: 48 -> 12" in packed, packed
+
+    # the recipient: another folder, the wheel, MONAI's own download
+    ok(run([python, "-m", "monai.bundle", "download", "--name", NAME, "--url", "file://" + zip_path,
+            "--bundle_dir", outside, "--progress", "False"], outside, None), "download")
+    bundle = os.path.join(outside, NAME)
+    data = data_overrides(datalist)
+
+    out = os.path.join(bundle, "eval")
+    text = ok(run([python, "-m", "monai.bundle", "run", "--config_file", configs(bundle, "inference.json"),
+                   *cli({"bundle_root": bundle, **data, **RUNTIME})], outside, None), "inference.json")
+    assert "match the ones the weights were trained with" in text, text[-3000:]
+    got, want = label_maps(out), label_maps(reference)
+    assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want)
+
+    scores = os.path.join(outside, "scores")
+    ok(run([python, "-m", "monai.bundle", "run", "--config_file", configs(bundle, "train.json", "evaluate.json"),
+            *cli({"bundle_root": bundle, **data, "output_dir": scores, **EVAL_RUNTIME})], outside, None),
+       "evaluate.json")
+    assert os.path.isfile(os.path.join(scores, "val_mean_dice_raw.csv")) or glob.glob(os.path.join(scores, "*dice*"))
+
+    onnx = ok(run([python, "-m", "monai.bundle", "onnx_export", "network_def", "--filepath", "models/model.onnx",
+                   "--ckpt_file", "models/model.pt", "--meta_file", "configs/metadata.json", "--config_file",
+                   "configs/inference.json", "--input_shape", "[2, 1, 64, 64, 64]", "--converter_kwargs",
+                   "{'input_names': ['image'], 'output_names': ['pred'], "
+                   "'dynamic_axes': {'image': {0: 'batch'}, 'pred': {0: 'batch'}}}"], bundle, None), "onnx_export")
+    assert os.path.isfile(os.path.join(bundle, "models", "model.onnx")), onnx[-3000:]
+    onnx_out = os.path.join(outside, "onnx")
+    ok(run([python, "-m", "monai.bundle", "run", "--config_file",
+            configs(bundle, "inference.json", "inference_onnx.json"),
+            *cli({"bundle_root": bundle, **data, "output_dir": onnx_out, "dataloader#num_workers": 0})], outside,
+           None), "inference_onnx.json")
+    onnx_maps = label_maps(onnx_out)
+    for key, labels in want.items():
+        agreement = float(np.mean(onnx_maps[key] == labels))
+        assert agreement >= 0.99, (key, agreement)
