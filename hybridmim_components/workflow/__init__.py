@@ -16,6 +16,7 @@ from .checkpoints import (
 from .data import load_datalist, partition_for_rank
 from .finetune import BratsClassesToLabelMapd, HausdorffDistance95, check_roi_size
 from .flags import config_flag
+from .intensity import NonInvertibleNormalizeIntensityd
 from .input_checks import check_contrastive_batch, check_datalist
 from .mixed_precision import amp_kwargs
 from .nonfinite import NonFiniteLossError, NonFiniteLossGuard
