@@ -451,6 +451,33 @@ def test_hausdorff_distance_95_is_in_millimetres():
     assert plain.metric_fn.aggregate().item() == pytest.approx(2.0)  # plain tensors: voxels, as MONAI's handler
 
 
+def test_hausdorff_distance_95_of_a_missed_structure_is_infinite_on_every_monai():
+    """A class the prediction misses (or invents) counts as infinitely far, not as absent from the mean.
+
+    MONAI <= 1.6 returns nan at a percentile when one mask is empty, and nan is left out of the mean: a network that
+    finds nothing scored HD95 0 here. The next MONAI returns inf (Project-MONAI/MONAI#9096); ours does on both.
+    """
+    pytest.importorskip("scipy")
+    from hybridmim_components.workflow.finetune import HausdorffDistance95
+
+    label = torch.zeros(1, 3, 12, 12, 12)
+    label[0, 1, 3:7, 3:7, 3:7] = 1
+    label[0, 0] = 1 - label[0, 1]  # class 2 absent from the label
+    found = label.clone()
+    missed = torch.zeros_like(label)
+    missed[0, 0] = 1
+    invented = label.clone()
+    invented[0, 2, 9:11, 9:11, 9:11] = 1
+    handler = HausdorffDistance95(include_background=False)
+    for pred in (found, missed, invented):
+        handler.metric_fn(pred, label)
+    per_case = handler.metric_fn.get_buffer()  # (case, class 1..2)
+    assert per_case[0, 0].item() == 0.0 and per_case[1, 0].item() == float("inf"), per_case
+    assert per_case[2, 1].item() == float("inf"), per_case  # a class the label does not have, predicted
+    assert torch.isnan(per_case[0, 1]) and torch.isnan(per_case[1, 1])  # absent from both: not applicable
+    assert handler.metric_fn.aggregate().item() == float("inf")
+
+
 def test_brats_classes_to_label_map_inverts_the_multichannel_conversion():
     from monai.transforms import ConvertToMultiChannelBasedOnBratsClasses
 

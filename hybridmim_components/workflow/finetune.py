@@ -43,14 +43,26 @@ def check_roi_size(roi_size: Sequence[int], multiple: int) -> None:
 
 
 class _SpacingHausdorffDistanceMetric(HausdorffDistanceMetric):
-    """``HausdorffDistanceMetric`` that takes the voxel spacing from the prediction's affine when none is given."""
+    """``HausdorffDistanceMetric`` that takes the voxel spacing from the prediction's affine when none is given, and
+    scores a structure present in only one of prediction and label as ``inf`` on every MONAI version.
+
+    ``y_pred``, ``y``: one-hot ``(B, C, H, W, D)``; returns ``(B, C)`` (``C - 1`` without the background).
+    """
 
     def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor, **kwargs):  # type: ignore[override]
         if kwargs.get("spacing") is None and isinstance(y_pred, MetaTensor):
             affine = y_pred.affine
             affine = affine[0] if affine.ndim == 3 else affine  # a batch of one (the handler adds the batch dim)
             kwargs["spacing"] = affine_to_spacing(affine, r=y_pred.ndim - 2).tolist()
-        return super()._compute_tensor(y_pred, y, **kwargs)
+        hd = super()._compute_tensor(y_pred, y, **kwargs)
+        # MONAI <= 1.6 gives nan at a percentile when one mask is empty, and the mean leaves nan out: a missed
+        # structure vanished from the score. The next MONAI gives inf (Project-MONAI/MONAI#9096), as its maximum
+        # always did; the same here on both. Empty on both sides stays nan (not applicable).
+        first = 0 if self.include_background else 1
+        pred_any = torch.as_tensor(y_pred)[:, first:].flatten(2).any(-1)
+        label_any = torch.as_tensor(y)[:, first:].flatten(2).any(-1)
+        one_sided = (pred_any != label_any).to(hd.device)
+        return torch.where(one_sided, torch.full_like(hd, float("inf")), hd)
 
 
 class HausdorffDistance95(HausdorffDistance):
@@ -58,7 +70,8 @@ class HausdorffDistance95(HausdorffDistance):
 
     The spacing of every image is read from its prediction's affine (``MetaTensor``), so the distance is physical at
     whatever resolution the prediction is given (the bundles' ``evaluate.json`` inverts the preprocessing first and
-    measures at the original resolution). Plain tensors are measured in voxels, as by MONAI's handler.
+    measures at the original resolution). Plain tensors are measured in voxels, as by MONAI's handler. A class found
+    in only one of prediction and label scores ``inf`` (so the mean is ``inf``), on MONAI 1.5/1.6 as on the next one.
     """
 
     def __init__(self, include_background: bool = False, percentile: float = 95.0, **kwargs) -> None:
