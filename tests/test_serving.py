@@ -14,7 +14,9 @@ import monai
 from hybridmim_components.workflow import PathSafeSpacingd
 
 PIXDIM = (1.5, 1.5, 2.0)
-MONAI_16 = tuple(int(x) for x in monai.__version__.split(".")[:2]) >= (1, 6)
+# the Spacingd of MONAI 1.6.x only: 1.5 leaves other keys alone, the next MONAI (1.7.dev) updates dictionary entries
+# only (spatial/dictionary.py: `isinstance(d[k], MutableMapping)`); PathSafeSpacingd is then harmless
+MONAI_16 = tuple(int(x) for x in monai.__version__.split(".")[:2]) == (1, 6)
 
 
 def _served_sample() -> dict:
@@ -25,9 +27,9 @@ def _served_sample() -> dict:
     return {"image": image, "image_path": "/studies/ct.nii.gz", "image_meta_dict": {"filename_or_obj": "ct.nii.gz"}}
 
 
-@pytest.mark.skipif(not MONAI_16, reason="MONAI 1.5's Spacingd leaves other keys alone")
+@pytest.mark.skipif(not MONAI_16, reason="the Spacingd of MONAI 1.5 and of the next MONAI leaves strings alone")
 def test_monai_16_spacingd_fails_on_a_string_image_entry():
-    """The cause (MONAI >= 1.6): Spacingd updates every ``image_*`` entry with the new metadata."""
+    """The cause (MONAI 1.6.x): Spacingd updates every ``image_*`` entry with the new metadata."""
     with pytest.raises(AttributeError, match="'str' object has no attribute 'update'"):
         Spacingd(keys="image", pixdim=PIXDIM)(_served_sample())
 
