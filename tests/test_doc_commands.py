@@ -251,6 +251,18 @@ COVERAGE: List[Tuple[str, object]] = [
      r"--dataset_dir /data/btcv", run("bundles", EVALUATE_TINY, expect=["val_mean_dice"], creates=["eval/metrics.csv"])),
     (rf"{BTCV}: {BUNDLE_RUN} --config_file configs/inference\.json --dataset_dir /data/btcv",
      run("bundles", INFERENCE_TINY, creates=["eval/*_seg.nii.gz"])),
+    (r"\.: python tools/bundles/pack_bundle\.py bundles/hybridmim_unet_btcv --version \S+ --changelog .*",
+     run("bundles", expect=["trained settings written into the configs", "features: [32, 32, 64, 128, 256, 32] ->"],
+         creates=["dist/hybridmim_unet_btcv_v*.zip"])),
+    (r"\.: python -m monai\.bundle download --name hybridmim_unet_btcv --url file://\$PWD/dist/\S+\.zip "
+     r"--bundle_dir downloaded", run("bundles", creates=["downloaded/hybridmim_unet_btcv/models/model.pt",
+                                                         "downloaded/hybridmim_unet_btcv/models/model.provenance.json"])),
+    # the downloaded finetune runs with nothing but the data's location (and this CPU's runtime): no width override
+    (rf"\.: {BUNDLE_RUN} --config_file downloaded/hybridmim_unet_btcv/configs/inference\.json "
+     r"--bundle_root downloaded/hybridmim_unet_btcv --dataset_dir /data/btcv",
+     run("bundles", ("--dataloader#num_workers", "0", *NO_AMP),
+         expect=["match the ones the weights were trained with"],
+         creates=["downloaded/hybridmim_unet_btcv/eval/*_seg.nii.gz"])),
     (r"\.: python tools/bundles/pack_bundle\.py bundles/hybridmim_unet_pretrain --version \S+ --changelog .*",
      run("bundles", creates=["dist/hybridmim_unet_pretrain_v*.zip"])),
     (r"\.: python -m monai\.bundle download --name hybridmim_unet_pretrain --url file://\$PWD/dist/\S+\.zip "
@@ -574,9 +586,10 @@ def test_documented_entry_points_answer_help():
 
 @pytest.mark.slow
 def test_bundle_commands_run_as_written(tmp_path):
-    """README 2, 3 and "Share a trained bundle", in order: pretrain the UNet bundle on a synthetic pool, finetune
-    the BTCV bundle from it (default pretrained_path: the sibling bundle's model.pt) and from scratch, evaluate,
-    infer; pack the pretraining bundle, download it with MONAI's CLI, finetune the spleen bundle from the download."""
+    """README 2, 3, "Share a trained bundle" and docs/sharing.md, in order: pretrain the UNet bundle on a synthetic
+    pool, finetune the BTCV bundle from it (default pretrained_path: the sibling bundle's model.pt) and from scratch,
+    evaluate, infer; pack the trained BTCV finetune, download it with MONAI's CLI and run its inference.json with no
+    width override; pack the pretraining bundle, download it, finetune the spleen bundle from the download."""
     from tools.data.make_demo_data import make_ct_dataset, make_unlabeled_ct_pool
 
     data = str(tmp_path / "data")
@@ -587,5 +600,5 @@ def test_bundle_commands_run_as_written(tmp_path):
     workspace = make_workspace(str(tmp_path / "work"), ["hybridmim_unet_pretrain", "hybridmim_unet_btcv",
                                                         "hybridmim_unet_msd_spleen"])
     ran = run_documented("bundles", workspace, data)
-    assert len(ran) == 8, [str(c) for c in ran]
+    assert len(ran) == 11, [str(c) for c in ran]
     assert not os.path.exists(os.path.join(REPO_ROOT, "bundles", "hybridmim_unet_pretrain", "models", "model.pt"))

@@ -1,12 +1,17 @@
-"""The finetune bundles served by a real MONAI Label server (its own ``monaibundle`` sample app), over HTTP.
+"""The finetune bundles served by a real MONAI Label server (its own ``monaibundle`` sample app), over HTTP, as a
+recipient serves a shared bundle: packed, downloaded, and run by a Python whose only install of this project is the
+released wheel.
 
 Needs MONAI Label 0.8.5 (``tools/monailabel/requirements.txt``; CI installs it in a side environment, once with MONAI
 1.5.1 and once with 1.6.1); skipped where ``monailabel`` is not importable. Three bundles are trained tiny for one epoch
-through their own ``train.json`` (MONAI CLI) inside the app's model folder: a UNet (MSD spleen, 2 classes), a SwinUNETR
-(BTCV, 14 classes) and a UNet BraTS bundle (4 MRI channels given as one 4-channel NIfTI, as the bundle README says).
-One server (``--conf zoo_source local``, 127.0.0.1, a free port) serves all three; ``POST /infer/<bundle>`` returns a
-label map that must have the input's shape and affine, only the bundle's label values, and equal the label map the
-bundle's own ``inference.json`` writes for the same image through the MONAI CLI.
+through their own ``train.json`` (MONAI CLI, in the checkout): a UNet (MSD spleen, 2 classes), a SwinUNETR (BTCV, 14
+classes, ``downsample merging_legacy``: the packed configs must carry it) and a UNet BraTS bundle (4 MRI channels given
+as one 4-channel NIfTI, as the bundle README says). Each is packed (``tools/bundles/pack_bundle.py``: the trained
+settings go into its configs) and downloaded into the app's model folder with ``python -m monai.bundle download --url
+file://...`` by the wheel's Python (``tests/wheel_env.py``), which then starts the server (``--conf zoo_source local``,
+127.0.0.1, a free port, outside the checkout). ``POST /infer/<bundle>`` returns a label map that must have the input's
+shape and affine, only the bundle's label values, and equal the label map the downloaded bundle's own
+``inference.json`` writes for the same image through the MONAI CLI.
 """
 from __future__ import annotations
 
@@ -29,6 +34,7 @@ pytest.importorskip("monailabel", reason="MONAI Label is not installed (tools/mo
 
 from tools.bundles.bundlegen.finetune import TASKS, bundle_name  # noqa: E402
 from tools.data.make_demo_data import make_brats_dataset, make_ct_dataset  # noqa: E402
+from wheel_env import clean_env, wheel_python  # noqa: E402
 
 pytestmark = [pytest.mark.monailabel, pytest.mark.slow]
 
@@ -39,7 +45,7 @@ NUM_CLASSES = {"btcv": 14, "msd_spleen": 2}
 # tiny settings written into each served copy's inference.json (the defaults are the paper's GPU scale)
 TINY = {
     "unet": {"features": [4, 4, 8, 8, 16, 4], "roi_size": [32, 32, 32]},
-    "swin": {"feature_size": 12, "roi_size": [64, 64, 64]},
+    "swin": {"feature_size": 12, "roi_size": [64, 64, 64], "downsample": "merging_legacy"},
 }
 # a served CT off the bundles' 1.5 x 1.5 x 2 mm grid, so that Spacingd resamples and Invertd has to undo it
 SERVED_CT_SPACING = (1.2, 1.0, 2.5)
@@ -51,8 +57,8 @@ def _env() -> dict:
     return dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=REPO_ROOT)
 
 
-def _run(args: list[str], what: str, cwd: str = REPO_ROOT, timeout: int = 600) -> str:
-    proc = subprocess.run(args, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
+def _run(args: list[str], what: str, cwd: str = REPO_ROOT, timeout: int = 600, env: dict | None = None) -> str:
+    proc = subprocess.run(args, cwd=cwd, env=env or _env(), capture_output=True, text=True, timeout=timeout)
     text = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"{what} failed (exit {proc.returncode}):\n{text[-6000:]}"
     return text
@@ -85,30 +91,39 @@ def _stack_brats_as_documented(case_dir: str, case: str, out: str) -> None:
     shutil.move(os.path.join(case_dir, f"{case}.nii.gz"), out)
 
 
-def _train_tiny_copy(backbone: str, task: str, model_dir: str, data_dir: str) -> str:
-    """Copy the bundle into the app's model folder, shrink its inference.json, train one epoch with train.json."""
+def _train_pack_download(backbone: str, task: str, python: str, model_dir: str, work: str, data_dir: str) -> str:
+    """Train a tiny copy of the bundle in ``work``, pack it, download the zip into the app's model folder with the
+    wheel's Python; returns the downloaded bundle folder (its configs hold the trained settings, amp off for a CPU)."""
     name = bundle_name(backbone, task)
-    root = os.path.join(model_dir, name)
-    shutil.copytree(os.path.join(REPO_ROOT, "bundles", name), root)
-    inference = os.path.join(root, "configs", "inference.json")
-    with open(inference) as f:
-        cfg = json.load(f)
-    cfg.update(TINY[backbone], amp=False)
-    with open(inference, "w") as f:
-        json.dump(cfg, f, indent=4)
+    trained = os.path.join(work, "trained", name)
+    shutil.copytree(os.path.join(REPO_ROOT, "bundles", name), trained)
     if task == "brats":
         datalist = make_brats_dataset(os.path.join(data_dir, name))
     else:
         datalist = make_ct_dataset(os.path.join(data_dir, name), num_classes=NUM_CLASSES[task])
     overrides = {
-        "bundle_root": root, "dataset_dir": os.path.dirname(datalist), "data_list_file_path": datalist,
+        "bundle_root": trained, "dataset_dir": os.path.dirname(datalist), "data_list_file_path": datalist,
         "pretrained_path": "", "amp": False, "num_samples": 1, "cache_rate": 0, "val_interval": 1,
         "train#dataloader#num_workers": 0, "train#trainer#max_epochs": 1, **TINY[backbone],
     }
     if backbone == "swin":
         overrides["use_checkpoint"] = False
-    _run([sys.executable, "-m", "monai.bundle", "run", "--config_file", os.path.join(root, "configs", "train.json"),
+    _run([sys.executable, "-m", "monai.bundle", "run", "--config_file", os.path.join(trained, "configs", "train.json"),
           *_cli(overrides)], f"training {name}")
+    zip_path = os.path.join(work, "dist", f"{name}.zip")
+    _run([sys.executable, os.path.join(REPO_ROOT, "tools", "bundles", "pack_bundle.py"), trained, "--output", zip_path],
+         f"packing {name}")
+    _run([python, "-m", "monai.bundle", "download", "--name", name, "--url", "file://" + zip_path, "--bundle_dir",
+          model_dir, "--progress", "False"], f"downloading {name}", cwd=work, env=clean_env())
+    root = os.path.join(model_dir, name)
+    inference = os.path.join(root, "configs", "inference.json")
+    with open(inference) as f:
+        cfg = json.load(f)
+    for key, value in TINY[backbone].items():
+        assert cfg[key] == value, f"the packed {name} does not carry the trained {key}: {cfg[key]!r}, not {value!r}"
+    cfg["amp"] = False  # a CPU workstation (not a trained setting)
+    with open(inference, "w") as f:
+        json.dump(cfg, f, indent=4)
     assert os.path.isfile(os.path.join(root, "models", "model.pt"))
     return root
 
@@ -131,13 +146,14 @@ def served(tmp_path_factory):
     """A running MONAI Label server with the three tiny bundles; yields its URL and paths; stopped at teardown."""
     work = tmp_path_factory.mktemp("monailabel")
     apps, studies, data = str(work / "apps"), str(work / "studies"), str(work / "data")
+    python = wheel_python(str(work / "wheel"))  # the recipient's: the released package, no checkout
     # the sample app shipped in the MONAI Label wheel (copied from the installed package: no download)
-    _run([sys.executable, START_SERVER, "apps", "--download", "--name", "monaibundle", "--output", apps],
-         "monailabel apps --download")
+    _run([python, START_SERVER, "apps", "--download", "--name", "monaibundle", "--output", apps],
+         "monailabel apps --download", cwd=str(work), env=clean_env())
     app = os.path.join(apps, "monaibundle")
     model_dir = os.path.join(app, "model")
     os.makedirs(model_dir, exist_ok=True)
-    roots = {bundle_name(b, t): _train_tiny_copy(b, t, model_dir, data) for b, t in SERVED}
+    roots = {bundle_name(b, t): _train_pack_download(b, t, python, model_dir, str(work), data) for b, t in SERVED}
 
     os.makedirs(studies)
     ct_list = make_ct_dataset(os.path.join(data, "served_ct"), num_classes=2, shape=(40, 44, 36),
@@ -157,10 +173,10 @@ def served(tmp_path_factory):
     log_path = str(work / "server.log")
     log = open(log_path, "w")
     proc = subprocess.Popen(
-        [sys.executable, START_SERVER, "start_server", "--app", app, "--studies", studies,
+        [python, START_SERVER, "start_server", "--app", app, "--studies", studies,
          "--conf", "models", ",".join(roots), "--conf", "zoo_source", "local", "--conf", "sam2", "false",
          "--conf", "skip_trainers", "true", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=str(work), env=_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        cwd=str(work), env=clean_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
     try:

@@ -5,7 +5,7 @@ merging_legacy``, the order every public SwinUNETR checkpoint was trained with. 
 
 1. In the trained folder, the default ``inference.json``, ``evaluate.json`` and ``onnx_export`` of a user who
    remembered the width but not the merging order stop before computing anything, naming ``downsample``, both values
-   and the override (before ``hybridmim_components.trained_settings`` they ran and computed other features).
+   and the override (before ``hybridmim_components.weights.trained_settings`` they ran and computed other features).
 2. The folder is packed (``tools/bundles/pack_bundle.py``) and the zip downloaded with ``python -m monai.bundle
    download --url file://...`` into a folder outside the checkout, by a Python whose only install of this project is
    the wheel built from it (``pip wheel``, not editable): a fresh venv, with the wheel installed into it and the
@@ -23,7 +23,6 @@ import os
 import shutil
 import subprocess
 import sys
-import sysconfig
 
 import nibabel as nib
 import numpy as np
@@ -35,9 +34,6 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAME = "hybridmim_swin_msd_spleen"
 SOURCE = os.path.join(REPO_ROOT, "bundles", NAME)
 WIDTH, ROI = 12, [64, 64, 64]
-# what the package's wheel is built from (a copy: the build leaves build/ and *.egg-info behind)
-PACKAGE_FILES = ("setup.cfg", "pyproject.toml", "README.md", "LICENSE", "CHANGELOG.md", "MANIFEST.in",
-                 "hybridmim_components")
 # not trained settings: how this machine runs them (inference.json; evaluate.json is layered on train.json)
 RUNTIME = {"amp": False, "dataloader#num_workers": 0}
 EVAL_RUNTIME = {"amp": False, "train#dataloader#num_workers": 0}
@@ -107,33 +103,11 @@ def trained(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def wheel_python(tmp_path_factory):
-    """A Python whose only install of this project is its wheel (see the module docstring)."""
+    """A Python whose only install of this project is its wheel (``tests/wheel_env.py``)."""
+    from wheel_env import wheel_python as make
+
     work = tmp_path_factory.mktemp("wheel")
-    src = work / "src"
-    src.mkdir()
-    for name in PACKAGE_FILES:
-        path = os.path.join(REPO_ROOT, name)
-        if os.path.isdir(path):
-            shutil.copytree(path, src / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        elif os.path.isfile(path):
-            shutil.copy(path, src / name)
-    ok(run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(work / "dist"),
-            str(src)], str(work), python_path=None), "pip wheel")
-    (wheel,) = glob.glob(str(work / "dist" / "hybridmim_components-*.whl"))
-    venv = work / "venv"
-    ok(run([sys.executable, "-m", "venv", "--without-pip", str(venv)], str(work), python_path=None), "venv")
-    python = str(venv / "bin" / "python")
-    ok(run([sys.executable, "-m", "pip", "--python", python, "install", "-q", "--no-deps", wheel], str(work),
-           python_path=None), "pip install the wheel")
-    site = run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], str(work), None)
-    # the test environment's packages (torch, MONAI, ...): a plain path line, so its editable finder is not loaded
-    with open(os.path.join(site.stdout.strip(), "test_environment.pth"), "w") as f:
-        f.write(sysconfig.get_paths()["purelib"] + "\n")
-    found = run([python, "-c", "import hybridmim_components as h; print(h.__file__)"], str(work), None)
-    assert found.returncode == 0 and found.stdout.startswith(str(venv)), found.stdout + found.stderr
-    checkout = run([python, "-c", "import tools.bundles"], str(work), None)  # the checkout's tools/ are not there
-    assert "ModuleNotFoundError" in checkout.stderr, checkout.stdout + checkout.stderr
-    return python, work
+    return make(str(work)), work
 
 
 # ------------------------------------------------------------------------------------------------------------- tests
