@@ -128,6 +128,41 @@ def test_a_resumed_run_goes_on_rotating_the_interrupted_runs_checkpoints(bundle,
 
 
 @pytest.mark.parametrize("bundle", ["hybridmim_unet_pretrain", "hybridmim_unet_msd_spleen"])
+def test_a_resumed_run_rotates_only_its_own_runs_checkpoints(bundle, tmp_path, caplog):
+    """Old code: every ``checkpoint_epoch=N.pt`` behind the resumed run was adopted into its rotation by name, so a
+    resume deleted another run's checkpoints (other settings, or an older version's file without an identity) lying
+    in the same folder. Only files carrying this run's identity rotate; the others are named and left alone."""
+    from hybridmim_components.workflow.run_identity import RunIdentity
+
+    saver_class = _bundle_target(bundle, "train", "checkpoint_saver")
+    net = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    ours, theirs = RunIdentity({"optimizer#lr": 0.1}), RunIdentity({"optimizer#lr": 0.01})
+
+    def saver():
+        return saver_class(save_dir=str(tmp_path), save_dict={"model": net, "optimizer": optimizer,
+                                                              "run_identity": ours},
+                           save_interval=1, n_saved=2, epoch_level=True)
+
+    first = _engine()
+    saver().attach(first)
+    first.run([0], max_epochs=3)  # interrupted after epoch 3: checkpoint_epoch=2.pt and =3.pt
+    torch.save({"model": {}, "run_identity": theirs.state_dict()}, tmp_path / "checkpoint_epoch=1.pt")
+    torch.save({"model": {}}, tmp_path / "checkpoint_epoch=0.pt")  # an older version's: no identity
+    assert sorted(os.listdir(tmp_path)) == [f"checkpoint_epoch={i}.pt" for i in (0, 1, 2, 3)]
+
+    resumed = _engine()
+    saver().attach(resumed)
+    resumed.load_state_dict({"iteration": 3, "epoch_length": 1, "max_epochs": 6})
+    with caplog.at_level("INFO"):
+        resumed.run([0])
+    assert sorted(os.listdir(tmp_path)) == [f"checkpoint_epoch={i}.pt" for i in (0, 1, 5, 6)]
+    left_alone = [r.getMessage() for r in caplog.records if "left alone" in r.getMessage()]
+    assert len(left_alone) == 1 and "checkpoint_epoch=0.pt" in left_alone[0] and "checkpoint_epoch=1.pt" in left_alone[0]
+    assert "optimizer#lr" in left_alone[0], "another run's file is named with the setting that differs"
+
+
+@pytest.mark.parametrize("bundle", ["hybridmim_unet_pretrain", "hybridmim_unet_msd_spleen"])
 def test_a_killed_write_of_model_pt_leaves_the_previous_best(bundle, tmp_path, monkeypatch):
     """``model.pt`` (a fixed name) was overwritten in place: a kill mid-write left a truncated best model."""
     saver_class = _bundle_target(bundle, "train", "checkpoint_saver")

@@ -175,7 +175,7 @@ class CrashSafeCheckpointSaver(CheckpointSaver):
     - Interval, final and key-metric checkpoints are written atomically; an old interval checkpoint is deleted only
       after its successor is complete, so ``resume`` always finds a readable full checkpoint.
     - A resumed run goes on rotating the interrupted run's interval checkpoints (see ``_adopt_earlier_checkpoints``):
-      resuming never leaves old full checkpoints piling up.
+      resuming never leaves old full checkpoints piling up; another run's files in the folder are never deleted.
     - A key-metric (best-model) save is skipped when the validated engine's epoch is below ``key_metric_min_epoch``
       (default 1): the validation at start (``exec_at_start``) runs at epoch 0, on the untrained network, which must
       never become ``model.pt`` (a finetune would then start from untrained "pretrained" weights).
@@ -213,7 +213,11 @@ class CrashSafeCheckpointSaver(CheckpointSaver):
         that are behind the run (``…_epoch=N.pt`` with N below the current epoch, or ``…_iteration=N.pt``) into
         ignite's rotation list, so that a resumed run deletes the interrupted run's files as it would have (a fresh
         saver knows none and would leave ``n_saved`` full checkpoints behind at every resume). Files at or ahead of
-        the run's progress are another run's: left alone."""
+        the run's progress are another run's: left alone.
+
+        When ``save_dict`` holds this run's :class:`RunIdentity` (the bundles' full checkpoints), only files carrying
+        the same identity are adopted (and so deleted by the rotation); another run's files, an older version's
+        without an identity and unreadable ones are left alone and named in the log."""
         self._adopted_earlier = True
         checkpoint = self._interval_checkpoint
         if checkpoint is None or checkpoint.n_saved is None or not os.path.isdir(self.save_dir):
@@ -226,6 +230,15 @@ class CrashSafeCheckpointSaver(CheckpointSaver):
         known = {item.filename for item in checkpoint._saved}
         earlier = [Checkpoint.Item(int(m.group(1)), f) for f in os.listdir(self.save_dir)
                    if (m := pattern.fullmatch(f)) and f not in known and int(m.group(1)) < now]
+        identity = next((v for v in self.save_dict.values() if isinstance(v, RunIdentity)), None)
+        if identity is not None:
+            not_ours = {item.filename: why for item in earlier
+                        if (why := _not_this_run(os.path.join(self.save_dir, item.filename), identity))}
+            earlier = [item for item in earlier if item.filename not in not_ours]
+            if not_ours:
+                logger.info(f"interval checkpoints in '{self.save_dir}' that are not this run's, left alone (not "
+                            "rotated, never deleted): "
+                            + "; ".join(f"{f} ({why})" for f, why in sorted(not_ours.items())) + ".")
         if earlier:
             checkpoint._saved = sorted([*checkpoint._saved, *earlier], key=lambda item: item.priority)
             while len(checkpoint._saved) > checkpoint.n_saved:  # ignite drops one per save: drop the surplus now
@@ -240,6 +253,20 @@ class CrashSafeCheckpointSaver(CheckpointSaver):
                         "candidate, nothing saved.")
             return
         super().metrics_completed(engine)
+
+
+def _not_this_run(path: str, identity: RunIdentity) -> str:
+    """Why the checkpoint ``path`` is not ``identity``'s run (empty when it is): its differing settings, no identity
+    (an older version's), or unreadable."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mmap: only the small record read
+    except Exception as err:  # truncated or foreign: not provably ours
+        return f"unreadable: {type(err).__name__}"
+    saved = state.get("run_identity") if isinstance(state, Mapping) else None
+    if not isinstance(saved, Mapping):
+        return "no run identity: an older version's"
+    differences = identity.differences(saved)
+    return "another run's: " + "; ".join(differences) if differences else ""
 
 
 class ScheduleState:
