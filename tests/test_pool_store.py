@@ -4,8 +4,9 @@ On small generated CTs (0.8 × 0.8 × 1.5 mm, so resampling, the window and the 
 store equals, voxel for voxel and with the same affine, the crop the bundle's own in-memory pipeline
 (``train#deterministic_transforms`` + ``RandSpatialCropSamplesd``) takes from the same volume with the same generator
 state; a rerun skips finished volumes, a corrupt file is named and skipped, a changed source is redone; DDP shards
-are disjoint and cover the store; a pretraining bundle trains through the CLI from the store, also under 2-process
-DDP; the benchmark runs at a tiny size.
+are disjoint and cover the store; the validation crops equal the bundle's too; a pretraining bundle trains through
+the CLI from the store alone (the raw NIfTI folder moved away), also under 2-process DDP; the run identity of a store
+comes from its content, not its paths; the benchmark runs at a tiny size.
 """
 from __future__ import annotations
 
@@ -102,6 +103,63 @@ def test_store_crops_equal_the_bundle_pipeline_crops_voxel_for_voxel(store):
             assert set(g) == {"image"}, "the pool_* keys are consumed"
             corners.add(tuple(g["image"].affine[:3, 3].tolist()))
     assert len(corners) > 3, "crops should land at different places"
+
+
+def test_store_validation_crops_equal_the_bundle_validation_pipeline(store):
+    """The validation list is stored too (a run from the store alone validates on it): loaded from the store and
+    center-cropped, it equals the bundle's own validation preprocessing of the NIfTI, voxel for voxel."""
+    from monai.bundle import ConfigParser
+    from monai.transforms import Compose
+
+    from hybridmim_components.workflow import PoolLoadd, pool_store_entries
+
+    (dataset_dir, datalist), store_dir, manifest, _ = store
+    parser = ConfigParser()
+    parser.read_config(os.path.join(BUNDLE, "configs", "train.json"))
+    parser.update({"bundle_root": BUNDLE, "roi_size": ROI})
+    deterministic = Compose(parser.get_parsed_content("train#deterministic_transforms"))
+    center = parser.get_parsed_content("validate#random_transforms#0")
+    assert type(center).__name__ == "CenterSpatialCropd"
+    with open(datalist) as f:
+        sources = [os.path.join(dataset_dir, e["image"]) for e in json.load(f)["validation"]]
+    entries = pool_store_entries(store_dir, roi_size=ROI, section="validation")
+    assert [e["pool_source"] for e in entries] == sources and len(manifest["validation"]) == 2
+    for entry, source in zip(entries, sources):
+        want = center(deterministic({"image": source}))["image"]
+        got = center(PoolLoadd(keys="image")(entry))["image"]
+        assert got.shape == want.shape == (1, *ROI)
+        assert torch.equal(got.as_tensor(), want.as_tensor())
+        np.testing.assert_allclose(got.affine.numpy(), want.affine.numpy(), rtol=0, atol=1e-9)
+
+
+def test_the_run_identity_of_a_store_is_its_content_not_its_paths(store, tmp_path):
+    """A run from the store has no datalist to fingerprint: its data identity comes from the manifest (each stored
+    volume's source SHA-256 and transforms), so the same pool stored from another folder, or a moved store, is the
+    same data, and a changed volume is not."""
+    import shutil
+
+    import nibabel as nib
+
+    from hybridmim_components.workflow import pool_store_identity
+
+    (dataset_dir, datalist), store_dir, _, _ = store
+    here = pool_store_identity(store_dir)
+    assert len(here) == 64 and int(here, 16) >= 0
+    moved = str(tmp_path / "moved_store")
+    shutil.copytree(store_dir, moved)
+    assert pool_store_identity(moved) == here
+    copy = str(tmp_path / "elsewhere")
+    shutil.copytree(dataset_dir, copy)
+    copied = (copy, os.path.join(copy, os.path.relpath(datalist, dataset_dir)))
+    _build(copied, tmp_path / "store_of_copy")
+    assert pool_store_identity(str(tmp_path / "store_of_copy")) == here
+    # one training volume of the copy changes: another pool
+    with open(datalist) as f:
+        first = os.path.join(copy, json.load(f)["training"][0]["image"])
+    img = nib.load(first)
+    nib.save(nib.Nifti1Image(np.asanyarray(img.dataobj)[::-1].copy(), img.affine, img.header), first)
+    _build(copied, tmp_path / "store_of_copy")
+    assert pool_store_identity(str(tmp_path / "store_of_copy")) != here
 
 
 def test_a_rerun_skips_finished_volumes(store, tmp_path):
@@ -219,7 +277,7 @@ def test_ddp_ranks_read_disjoint_shards_covering_the_store(tmp_path):
 TRAIN_TINY = ["--features", "[4,4,8,8,16,4]", "--roi_size", "[32,32,32]", "--region_size", "[32,32,32]",
               "--steps_per_epoch", "2", "--train#trainer#max_epochs", "1", "--train#dataloader#num_workers", "0",
               "--validate#dataloader#num_workers", "0", "--batch_size", "1", "--samples_per_volume", "2",
-              "--val_interval", "1", "--amp", "false", "--check_data", "false"]
+              "--val_interval", "1", "--amp", "false"]
 
 
 def _bundle_cli(configs: list[str], data, store_dir: str, root, torchrun: bool = False) -> str:
@@ -244,24 +302,32 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _spoil_training_sources(data) -> None:
-    """Overwrite the training NIfTIs with bytes no reader accepts: the crops can only come from the store."""
-    with open(data[1]) as f:
-        for entry in json.load(f)["training"]:
-            with open(os.path.join(data[0], entry["image"]), "wb") as g:
-                g.write(b"not an image")
+def _move_raw_data_away(data, root) -> None:
+    """Only the store is left (as on a machine that got the store alone): the NIfTI folder, datalist included, moves
+    where nothing looks; the command still names the old dataset_dir and datalist."""
+    os.rename(data[0], str(root / "raw_moved_away"))
+    assert not os.path.exists(data[1])
 
 
 @pytest.mark.slow
 def test_a_pretraining_bundle_trains_from_the_store_through_the_cli(tmp_path):
+    """Old code: the datalist check, the validation list, the provenance pool size and the run identity read the
+    NIfTI datalist, so a run with only the store stopped before training."""
     data = _pool(tmp_path / "data", n_train=2)
     store_dir = str(tmp_path / "store")
-    _build(data, store_dir)
-    _spoil_training_sources(data)
+    manifest = _build(data, store_dir)
+    _move_raw_data_away(data, tmp_path)
     log = _bundle_cli(["train.json", "pool_store.json"], data, store_dir, tmp_path)
     assert "train_reconstruction:" in log and "val_recon_mse" in log
+    assert "2 training and 2 validation volumes" in log, "the store is checked at start"
     state = torch.load(str(tmp_path / "models" / "checkpoint_final.pt"), map_location="cpu", weights_only=True)
     assert int(state["trainer"]["iteration"]) == 2
+    with open(tmp_path / "models" / "model.provenance.json") as f:
+        assert json.load(f)["pool_size"] == len(manifest["volumes"]) == 2
+    # the checkpoint's data identity is the store's (its content): a resume elsewhere recognises the run
+    from hybridmim_components.workflow import pool_store_identity
+
+    assert json.loads(state["run_identity"]["settings"]["data"]) == pool_store_identity(store_dir)
 
 
 @pytest.mark.slow
@@ -269,7 +335,7 @@ def test_a_pretraining_bundle_trains_from_the_store_under_two_process_ddp(tmp_pa
     data = _pool(tmp_path / "data", n_train=2)
     store_dir = str(tmp_path / "store")
     _build(data, store_dir)
-    _spoil_training_sources(data)
+    _move_raw_data_away(data, tmp_path)
     log = _bundle_cli(["train.json", "multi_gpu_train.json", "pool_store.json"], data, store_dir, tmp_path,
                       torchrun=True)
     assert log.count("Metrics -- ") == 1, "validation metrics are logged by rank 0 only"

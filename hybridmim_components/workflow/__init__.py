@@ -23,7 +23,7 @@ from .nonfinite import NonFiniteLossError, NonFiniteLossGuard
 from .onnx_inference import OnnxNetwork
 from .pretext_baselines import LocationAccuracyBaseline, MaskedReconstructionBaseline, NumberAccuracyBaseline
 from .pretext_metrics import LocationAccuracy, MaskedReconstructionMSE, NumberAccuracy, lower_is_better
-from .pool_store import PoolRandCropSamplesd, pool_store_entries
+from .pool_store import PoolLoadd, PoolRandCropSamplesd, check_pool_store, pool_store_entries, pool_store_identity
 from .pretrain import PrepareMIMBatch, loss_terms_transform
 from .previews import MIMPreviewHandler, SaveMIMOutputs
 from .progress import TrainProgressBar

@@ -2,9 +2,10 @@
 
 Applies the deterministic part of the bundle's own training transforms (``train#deterministic_transforms`` of its
 ``configs/train.json``, parsed with ``monai.bundle.ConfigParser``, with the same overrides as training: the store
-cannot drift from the bundle) to every volume of the datalist's ``training`` list, and writes the store that
-``hybridmim_components.workflow.pool_store`` reads (one float32 ``.npy`` per volume, a record beside it, and
-``manifest.json`` with source path, SHA-256, shape, spacing and affine of every volume)::
+cannot drift from the bundle) to every volume of the datalist's ``training`` and ``validation`` lists, and writes the
+store that ``hybridmim_components.workflow.pool_store`` reads (one float32 ``.npy`` per volume, a record beside it,
+and ``manifest.json`` with source path, SHA-256, shape, spacing and affine of every volume). Training from the store
+then needs neither the NIfTI files nor the datalist (another machine can train with the store alone)::
 
     python tools/data/preprocess_pool.py bundles/hybridmim_swin_pretrain /data/pool_store --dataset_dir /data
 
@@ -173,17 +174,32 @@ def _finished(image, record_path: str, store_dir: str, fingerprint: str) -> Opti
 
 
 # --- the pool -------------------------------------------------------------------------------------------------------
+def _datalist_sections(dataset_dir: str, data_list_file_path: str, key: str,
+                       validation_key: Optional[str]) -> Dict[str, List[Dict[str, Any]]]:
+    """``{"training": entries of key, "validation": entries of validation_key}``; a datalist without the validation
+    list (or ``validation_key`` None) gives no validation entries."""
+    from hybridmim_components.workflow.data import load_datalist, resolve_datalist_path
+
+    sections = {"training": load_datalist(dataset_dir, data_list_file_path, key, check_files=False)}
+    if validation_key:
+        with open(resolve_datalist_path(dataset_dir, data_list_file_path), encoding="utf-8") as f:
+            present = validation_key in json.load(f)
+        sections["validation"] = (load_datalist(dataset_dir, data_list_file_path, validation_key, check_files=False)
+                                  if present else [])
+    return sections
+
+
 def preprocess_pool(bundle_dir: str, store_dir: str, dataset_dir: str, data_list_file_path: str = "datalist.json",
                     key: str = "training", workers: int = 0, threads: int = 1,
-                    overrides: Optional[Dict[str, Any]] = None, log=print) -> Dict[str, Any]:
+                    overrides: Optional[Dict[str, Any]] = None, log=print,
+                    validation_key: Optional[str] = "validation") -> Dict[str, Any]:
     """Build or update the store; returns the manifest (also written to ``<store_dir>/manifest.json``).
 
-    ``workers`` 0: one process per CPU core.
+    The ``key`` list becomes the manifest's ``volumes`` (training), the ``validation_key`` list its ``validation``
+    (``None``: not stored; a run from the store then cannot validate). ``workers`` 0: one process per CPU core.
     """
-    from hybridmim_components.workflow.data import load_datalist
-
     overrides = dict(overrides or {})
-    entries = load_datalist(dataset_dir, data_list_file_path, key, check_files=False)
+    sections = _datalist_sections(dataset_dir, data_list_file_path, key, validation_key)
     parser = bundle_parser(bundle_dir, overrides)
     fingerprint = transforms_fingerprint(parser)
     os.makedirs(os.path.join(store_dir, "volumes"), exist_ok=True)
@@ -191,24 +207,32 @@ def preprocess_pool(bundle_dir: str, store_dir: str, dataset_dir: str, data_list
     records: Dict[str, Dict[str, Any]] = {}
     failed: List[Dict[str, Any]] = []
     todo = []
-    for entry in entries:
-        image = entry["image"]
-        missing = [p for p in _sources(image) if not os.path.isfile(p)]
-        if missing:
-            failed.append({"source": image, "error": f"FileNotFoundError: {missing[0]} does not exist"})
-            log(f"skipped {image}: {failed[-1]['error']}")
-            continue
-        cid = case_id(image)
-        if cid in records or any(cid == c for _, c in todo):
-            continue  # listed twice
-        record = _finished(image, os.path.join(store_dir, "volumes", f"{cid}.json"), store_dir, fingerprint["sha256"])
-        if record is not None:
-            records[cid] = record
-        else:
-            todo.append((image, cid))
+    order: Dict[str, List[str]] = {}  # section -> case ids, in datalist order
+    for section, entries in sections.items():
+        order[section] = []
+        kept_before, todo_before, failed_before = len(records), len(todo), len(failed)
+        for entry in entries:
+            image = entry["image"]
+            missing = [p for p in _sources(image) if not os.path.isfile(p)]
+            if missing:
+                failed.append({"source": image, "error": f"FileNotFoundError: {missing[0]} does not exist"})
+                log(f"skipped {image}: {failed[-1]['error']}")
+                continue
+            cid = case_id(image)
+            if cid in order[section]:
+                continue  # listed twice
+            order[section].append(cid)
+            if cid in records or any(cid == c for _, c in todo):
+                continue  # in both lists: stored once
+            record = _finished(image, os.path.join(store_dir, "volumes", f"{cid}.json"), store_dir,
+                               fingerprint["sha256"])
+            if record is not None:
+                records[cid] = record
+            else:
+                todo.append((image, cid))
+        log(f"{section}: {len(entries)} volumes listed: {len(records) - kept_before} already in the store, "
+            f"{len(todo) - todo_before} to preprocess, {len(failed) - failed_before} missing")
     kept = len(records)
-    log(f"{len(entries)} volumes listed: {kept} already in the store, {len(todo)} to preprocess, "
-        f"{len(failed)} missing")
 
     workers = workers or os.cpu_count() or 1
     args = (os.path.abspath(bundle_dir), overrides, threads)
@@ -238,7 +262,6 @@ def preprocess_pool(bundle_dir: str, store_dir: str, dataset_dir: str, data_list
                 collect(future.result(), done)
     elapsed = time.perf_counter() - start
 
-    order = {case_id(e["image"]): i for i, e in enumerate(entries)}
     manifest = {
         "format": STORE_FORMAT,
         "bundle": os.path.basename(os.path.abspath(bundle_dir)),
@@ -248,9 +271,11 @@ def preprocess_pool(bundle_dir: str, store_dir: str, dataset_dir: str, data_list
         "key": key,
         "transforms": fingerprint["transforms"],
         "transforms_sha256": fingerprint["sha256"],
-        "volumes": sorted(records.values(), key=lambda r: order.get(r["id"], 0)),
+        "volumes": [records[c] for c in order["training"] if c in records],
         "failed": failed,
     }
+    if "validation" in order:
+        manifest["validation"] = [records[c] for c in order["validation"] if c in records]
     _write_json(os.path.join(store_dir, MANIFEST), manifest)
     new = len(records) - kept
     log(f"store {store_dir}: {len(records)} volumes ({new} preprocessed in {elapsed:.1f} s"
@@ -278,7 +303,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("store_dir", help="where the store is written (the bundle's pool_store_dir)")
     ap.add_argument("--dataset_dir", required=True, help="as for the bundle: the datalist's paths are relative to it")
     ap.add_argument("--data_list_file_path", default="datalist.json")
-    ap.add_argument("--key", default="training", help="the datalist list to preprocess")
+    ap.add_argument("--key", default="training", help="the datalist list to train on")
+    ap.add_argument("--validation_key", default="validation",
+                    help="the datalist list to validate on, also stored ('' stores none)")
     ap.add_argument("--workers", type=int, default=0, help="processes (0: one per CPU core)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
@@ -286,7 +313,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = ap.parse_args(argv)
     try:
         manifest = preprocess_pool(args.bundle_dir, args.store_dir, args.dataset_dir, args.data_list_file_path,
-                                   args.key, args.workers, args.threads, _parse_overrides(args.set))
+                                   args.key, args.workers, args.threads, _parse_overrides(args.set),
+                                   validation_key=args.validation_key or None)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

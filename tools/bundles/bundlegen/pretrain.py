@@ -327,6 +327,10 @@ def _train_config(spec: Spec) -> dict:
                 "map_location": "@device",
                 **loader_keys(),
             },
+            # every datalist file read once before any data is cached (configs/pool_store.json checks the store
+            # instead: a run from the store needs no NIfTI file and no datalist)
+            "data_check": "$hybridmim_components.workflow.check_datalist(@dataset_dir, @data_list_file_path, "
+                          "('training', 'validation'), image_channels=@in_channels, enabled=@check_data)",
             # what makes this run this run (saved in every full checkpoint; resume continues only the same)
             "run_identity": run_identity(
                 "$hybridmim_components.workflow.datalist_identity(@dataset_dir, @data_list_file_path)",
@@ -436,8 +440,7 @@ def _train_initialize(seed: str = "@seed", saver_condition: str = "") -> list:
         f"$monai.utils.set_determinism(seed={seed})",
         # crop, sub-volume, patch and region sizes, then every datalist file, are checked before any data is cached
         "$@network_def.check_crop(@roi_size, @patch_size)",
-        "$hybridmim_components.workflow.check_datalist(@dataset_dir, @data_list_file_path, "
-        "('training', 'validation'), image_channels=@in_channels, enabled=@check_data)",
+        "$@train#data_check",
         "$hybridmim_components.workflow.check_contrastive_batch(@loss#contrastive_weight, @batch_size, "
         "@samples_per_volume)",
         # warm start of the backbone (pretrained_path null: from scratch); a resumed run then loads its checkpoint
