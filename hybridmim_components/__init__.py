@@ -1,9 +1,12 @@
 """HybridMIM components for MONAI bundles.
 
-The method lives here, one module per concern: two-level masking (``masking``), the pretraining networks
-(``networks``; ``reconstruction`` for inference), the five losses (``losses``) and pretrained-weight transfer
-(``transfer``); the method's names bundles reference by ``_target_`` are re-exported here. The glue a bundle needs
-around it (data, checks, checkpoints, metrics, handlers) is :mod:`hybridmim_components.workflow`.
+The top level is the paper's method, one module per concern: two-level masking (``masking``), the pretraining
+networks (``networks``; ``reconstruction`` for inference) and the five losses (``losses``). Beside it, three
+subpackages: :mod:`hybridmim_components.weights` (pretrained weights: transfer, public layouts, provenance, trained
+settings, the legacy merging order), :mod:`hybridmim_components.workflow` (the glue a bundle needs around the method:
+data, checks, checkpoints, metrics, handlers) and :mod:`hybridmim_components.utils` (plumbing: atomic files,
+distributed). The names bundles reference by ``_target_`` or call in ``$`` expressions are re-exported here; old
+paths of moved modules keep working with a warning (``moved.py``).
 """
 from . import moved
 from .losses import (
@@ -14,11 +17,12 @@ from .losses import (
     MaskNumberLoss,
     PartialRegionReconstructionLoss,
 )
-from .merging import DOWNSAMPLE_CHOICES, LegacyPatchMerging, resolve_downsample
 from .masking import HierarchicalMask, HierarchicalMaskd, masked_voxels_in_region, patch_mask_to_labels
 from .networks import HybridMIMNet, HybridMIMSwinUNETR, HybridMIMUNet
-from .trained_settings import TrainedSettingsMismatchError, check_trained_settings
-from .transfer import PretrainedWeightsError, extract_state_dict, load_pretrained_weights
+# the weights' names the bundles' configs call (hybridmim_components.load_pretrained_weights, ...): plain re-exports
+from .weights.merging import DOWNSAMPLE_CHOICES, LegacyPatchMerging, resolve_downsample
+from .weights.trained_settings import TrainedSettingsMismatchError, check_trained_settings
+from .weights.transfer import PretrainedWeightsError, extract_state_dict, load_pretrained_weights
 
 # the release version, the one source of it (setup.cfg reads it statically; semantic versioning, CHANGELOG.md)
 __version__ = "0.2.0"

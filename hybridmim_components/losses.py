@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .distributed import gather_with_grad, rank_and_world_size
+from .utils.distributed import gather_with_grad, rank_and_world_size
 from .masking import MIM_COUNT, MIM_LOCATION, MIM_PATCH_MASK, MIM_TARGET, masked_voxels_in_region
 
 __all__ = [

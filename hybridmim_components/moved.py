@@ -46,6 +46,14 @@ MOVED_MODULES: dict[str, str] = {
     f"{_P}.previews": f"{_P}.workflow.previews",
     f"{_P}.progress": f"{_P}.workflow.progress",
     f"{_P}.seeding": f"{_P}.workflow.seeding",
+    # release 0.2.0: the weights into their subpackage, the plumbing into utils (the top level is the method)
+    f"{_P}.merging": f"{_P}.weights.merging",
+    f"{_P}.provenance": f"{_P}.weights.provenance",
+    f"{_P}.public_weights": f"{_P}.weights.public_weights",
+    f"{_P}.trained_settings": f"{_P}.weights.trained_settings",
+    f"{_P}.transfer": f"{_P}.weights.transfer",
+    f"{_P}.atomic_files": f"{_P}.utils.atomic_files",
+    f"{_P}.distributed": f"{_P}.utils.distributed",
 }
 
 #: old name -> new name (full dotted paths: ``<module>.<name>``), for single names that moved or were renamed.

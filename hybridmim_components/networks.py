@@ -184,8 +184,9 @@ class HybridMIMSwinUNETR(HybridMIMNet):
 
     ``backbone`` is ``SwinUNETR(in_channels, out_channels=in_channels, feature_size, drop_rate, use_checkpoint,
     downsample)``: the finetune bundles build the same network with another ``out_channels``. ``downsample``
-    ``"merging_legacy"`` is the patch-merging order of MONAI before 1.5 (:mod:`hybridmim_components.merging`), for
-    warm starts from weights trained with it; ``use_v2`` adds SwinUNETR-v2's residual conv blocks (VoCo weights).
+    ``"merging_legacy"`` is the patch-merging order of MONAI before 1.5
+    (:mod:`hybridmim_components.weights.merging`), for warm starts from weights trained with it; ``use_v2`` adds
+    SwinUNETR-v2's residual conv blocks (VoCo weights).
     """
 
     bottleneck_stride = 32
@@ -205,7 +206,7 @@ class HybridMIMSwinUNETR(HybridMIMNet):
         use_v2: bool = False,
     ) -> None:
         super().__init__(16 * feature_size, sub_volume_size, region_size, projection_dim, contrastive_views)
-        from hybridmim_components.merging import resolve_downsample
+        from hybridmim_components.weights.merging import resolve_downsample
 
         self.backbone = SwinUNETR(
             in_channels=in_channels,

@@ -142,7 +142,7 @@ class RegionReconstructionSwinUNETR(SwinUNETR):
         downsample: str | type = "merging",
         use_v2: bool = False,
     ) -> None:
-        from hybridmim_components.merging import resolve_downsample
+        from hybridmim_components.weights.merging import resolve_downsample
 
         super().__init__(in_channels=in_channels, out_channels=in_channels, feature_size=feature_size,
                          drop_rate=drop_rate, use_v2=use_v2,

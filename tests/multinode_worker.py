@@ -25,7 +25,7 @@ import torch.distributed as dist
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
-from hybridmim_components.distributed import gather_with_grad, rank_and_world_size  # noqa: E402
+from hybridmim_components.utils.distributed import gather_with_grad, rank_and_world_size  # noqa: E402
 from hybridmim_components.losses import DropoutContrastiveLoss  # noqa: E402
 
 BATCH, DIM = 3, 8  # per-rank batch B and embedding size P

@@ -1,4 +1,4 @@
-"""``hybridmim_components.atomic_files``: a file is whole under its name or not there; nothing is left behind."""
+"""``hybridmim_components.utils.atomic_files``: a file is whole under its name or not there; nothing is left behind."""
 from __future__ import annotations
 
 import os
@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from hybridmim_components.atomic_files import atomic_open, atomic_path, temporary_name
+from hybridmim_components.utils.atomic_files import atomic_open, atomic_path, temporary_name
 
 
 class _Killed(Exception):

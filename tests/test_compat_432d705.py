@@ -46,6 +46,20 @@ def _old_names() -> list[str]:
 OLD_NAMES = _old_names()
 
 
+def _moved_module_paths() -> list[str]:
+    """Every old path of every moved module: the module itself and each public name (``__all__``) it holds now."""
+    paths = []
+    for old, new in sorted(moved.MOVED_MODULES.items()):
+        names = getattr(importlib.import_module(new), "__all__", None)
+        assert names, f"{new} has no __all__: its old paths cannot be listed"
+        paths += [old, *(f"{old}.{name}" for name in names)]
+    return paths
+
+
+# the 0.1.0 fixture's names are checked by the test above these; these are the rest (0.2.0's moves: weights, utils)
+MOVED_MODULE_PATHS = [path for path in _moved_module_paths() if path not in set(OLD_NAMES)]
+
+
 def _forget_old_names() -> None:
     """Drop old module names an earlier use imported, so that the next use imports (and warns) again."""
     for old in moved.MOVED_MODULES:
@@ -79,8 +93,9 @@ def test_the_fixture_lists_the_old_bundles_names():
     assert "hybridmim_components.HybridMIMLoss" in OLD_NAMES
 
 
-@pytest.mark.parametrize("name", OLD_NAMES)
-def test_old_name_resolves_through_config_parser(name):
+def _resolves_through_config_parser(name: str) -> None:
+    """``name`` in every form a config can use (``_target_``, ``$`` expression, ``$import``, ``$from ... import``)
+    is today's object; a moved one warns naming its old and new path, one that still exists does not warn."""
     from monai.bundle import ConfigParser
 
     new = moved.new_path(name)
@@ -106,6 +121,44 @@ def test_old_name_resolves_through_config_parser(name):
         old_part, new_part = found.groups()
         assert name == old_part or name.startswith(old_part + "."), (name, ours[0])
         assert new == new_part + name[len(old_part):], (name, new, ours[0])
+
+
+@pytest.mark.parametrize("name", OLD_NAMES)
+def test_old_name_resolves_through_config_parser(name):
+    _resolves_through_config_parser(name)
+
+
+def test_moved_module_paths_cover_the_weights_and_utils_moves():
+    # what the 0.2.0 bundles named before the move (their configs, as generated then)
+    for old in ("hybridmim_components.provenance.ProvenanceRecorder", "hybridmim_components.provenance.make_record",
+                "hybridmim_components.distributed", "hybridmim_components.distributed.shutdown_process_group",
+                "hybridmim_components.transfer.load_pretrained_weights", "hybridmim_components.merging",
+                "hybridmim_components.trained_settings.check_trained_settings",
+                "hybridmim_components.public_weights.convert_checkpoint",
+                "hybridmim_components.atomic_files.atomic_open"):
+        assert old in MOVED_MODULE_PATHS, old
+        assert moved.new_path(old).startswith(("hybridmim_components.weights.", "hybridmim_components.utils.")), old
+
+
+@pytest.mark.parametrize("name", MOVED_MODULE_PATHS)
+def test_every_old_path_of_a_moved_module_resolves_through_config_parser(name):
+    _resolves_through_config_parser(name)
+
+
+@pytest.mark.parametrize("old", sorted(moved.MOVED_MODULES))
+def test_import_statements_of_an_old_module_give_the_new_one(old):
+    # plain Python, as a script or a bundle's own component written against the old layout imports
+    new = importlib.import_module(moved.MOVED_MODULES[old])
+    name = new.__all__[0]
+    cases = [(f"import {old}", old, new), (f"import {old} as m", "m", new),
+             (f"from {old} import {name} as n", "n", getattr(new, name))]
+    for statement, expression, expected in cases:
+        _forget_old_names()
+        namespace: dict = {}
+        with pytest.warns(moved.HybridMIMDeprecationWarning,
+                          match=rf"^deprecated: '{re.escape(old)}' moved to '{re.escape(new.__name__)}'"):
+            exec(statement, namespace)  # noqa: S102 (the statement under test)
+        assert eval(expression, namespace) is expected, statement  # noqa: S307
 
 
 def test_import_statement_gets_the_new_module():

@@ -13,7 +13,7 @@ import time
 
 import torch.distributed as dist
 
-from hybridmim_components.distributed import shutdown_process_group
+from hybridmim_components.utils.distributed import shutdown_process_group
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -11,7 +11,7 @@ from monai.networks.nets.swin_unetr import PatchMerging
 from monai.utils import version_leq
 
 import monai
-from hybridmim_components.merging import DOWNSAMPLE_CHOICES, LegacyPatchMerging, resolve_downsample
+from hybridmim_components.weights.merging import DOWNSAMPLE_CHOICES, LegacyPatchMerging, resolve_downsample
 from tools.weights.make_merging_reference import NET_ARGS, REFERENCE_PATH, fingerprints, seeded_state_dict
 
 # Written out here, not imported: MONAI 1.4.0's swin_unetr.py, PatchMerging.forward, x0..x7 as (d, h, w) offsets.

@@ -21,7 +21,7 @@ import yaml
 from monai.networks.nets import BasicUNet
 
 from hybridmim_components import HybridMIMUNet, load_pretrained_weights
-from hybridmim_components.transfer import WeightsHashError
+from hybridmim_components.weights.transfer import WeightsHashError
 from tools.bundles.pack_bundle import main as pack_main
 from tools.bundles.pack_bundle import pack_bundle
 

@@ -13,7 +13,7 @@ from ignite.engine import Engine, Events
 from monai.networks.nets import BasicUNet, SwinUNETR
 
 from hybridmim_components import LegacyPatchMerging, PretrainedWeightsError, load_pretrained_weights
-from hybridmim_components.provenance import (
+from hybridmim_components.weights.provenance import (
     PreprocessingMismatchError,
     ProvenanceRecorder,
     compare_preprocessing,
@@ -23,7 +23,7 @@ from hybridmim_components.provenance import (
     window_intensity,
     write_provenance,
 )
-from hybridmim_components.transfer import adapt_input_channels, network_merging
+from hybridmim_components.weights.transfer import adapt_input_channels, network_merging
 
 CT = {"orientation": "RAS", "spacing": [1.5, 1.5, 2.0], "intensity": window_intensity(-1000, 1000), "crop": [96] * 3}
 

@@ -7,7 +7,7 @@ import torch
 from monai.networks.nets import BasicUNet, SwinUNETR
 
 from hybridmim_components import HybridMIMSwinUNETR, HybridMIMUNet
-from hybridmim_components.public_weights import (
+from hybridmim_components.weights.public_weights import (
     LAYOUTS,
     ConvertedCheckpoint,
     convert_checkpoint,

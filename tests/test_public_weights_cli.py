@@ -24,7 +24,7 @@ from test_public_weights import (
     tang_swinvit_file,
 )
 
-from hybridmim_components.provenance import make_record, read_provenance, window_intensity, write_provenance
+from hybridmim_components.weights.provenance import make_record, read_provenance, window_intensity, write_provenance
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUNDLES_DIR = os.path.join(REPO_ROOT, "bundles")

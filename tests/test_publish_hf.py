@@ -25,7 +25,7 @@ from huggingface_hub import HfApi  # noqa: E402
 from huggingface_hub.errors import RepositoryNotFoundError  # noqa: E402
 
 from hybridmim_components import HybridMIMUNet  # noqa: E402
-from hybridmim_components.transfer import WeightsHashError  # noqa: E402
+from hybridmim_components.weights.transfer import WeightsHashError  # noqa: E402
 from tools.bundles import publish_hf  # noqa: E402
 from tools.bundles.pack_bundle import pack_bundle  # noqa: E402
 

@@ -206,11 +206,12 @@ def _dead_pid() -> int:
 def test_a_kill_during_a_write_leaves_no_hidden_file_for_good(tmp_path):
     """Old code: the ``.<stem>.part<pid>.<ext>`` of a process killed with SIGKILL mid-write stayed forever. The next
     write into the folder removes those of dead processes; a live process's file and other hidden files stay."""
-    from hybridmim_components.atomic_files import atomic_open, temporary_name
+    from hybridmim_components.utils.atomic_files import atomic_open, temporary_name
 
     # a process killed while writing checkpoint_final.pt (SIGKILL: no cleanup ran)
     killed = subprocess.run(
-        [sys.executable, "-c", "import os, signal, sys; from hybridmim_components.atomic_files import atomic_open\n"
+        [sys.executable, "-c", "import os, signal, sys\n"
+         "from hybridmim_components.utils.atomic_files import atomic_open\n"
          "with atomic_open(sys.argv[1], 'wb') as f:\n    f.write(b'half'); f.flush(); os.kill(os.getpid(), signal.SIGKILL)",
          str(tmp_path / "checkpoint_final.pt")], cwd=REPO_ROOT, env=dict(os.environ, PYTHONPATH=REPO_ROOT))
     assert killed.returncode == -9
@@ -234,7 +235,7 @@ def test_the_rename_is_followed_by_an_fsync_of_the_folder(tmp_path, monkeypatch)
     """Old code: the file was fsynced, the folder not: after a power cut the rename itself could be lost."""
     import stat
 
-    from hybridmim_components import atomic_files
+    from hybridmim_components.utils import atomic_files
 
     synced = []
     real_fsync = os.fsync
@@ -355,6 +356,7 @@ def test_every_result_record_manifest_and_checkpoint_is_written_through_the_atom
         for folder, _, names in os.walk(os.path.join(REPO_ROOT, top)):
             for name in names:
                 rel = os.path.relpath(os.path.join(folder, name), REPO_ROOT)
-                if name.endswith(".py") and rel not in _NOT_ATOMIC and rel != "hybridmim_components/atomic_files.py":
+                if (name.endswith(".py") and rel not in _NOT_ATOMIC
+                        and rel != "hybridmim_components/utils/atomic_files.py"):
                     found += _bypassing_writers(os.path.join(REPO_ROOT, rel))
-    assert not found, "writers that bypass hybridmim_components.atomic_files:\n" + "\n".join(found)
+    assert not found, "writers that bypass hybridmim_components.utils.atomic_files:\n" + "\n".join(found)

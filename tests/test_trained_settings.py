@@ -20,8 +20,8 @@ from monai.bundle import ConfigParser
 from monai.networks.nets import SwinUNETR
 
 import hybridmim_components as hc
-from hybridmim_components.provenance import make_record, read_provenance, window_intensity, write_provenance
-from hybridmim_components.trained_settings import (
+from hybridmim_components.weights.provenance import make_record, read_provenance, window_intensity, write_provenance
+from hybridmim_components.weights.trained_settings import (
     TrainedSettingsMismatchError,
     check_trained_settings,
     config_values_from_record,
@@ -211,7 +211,7 @@ def test_packed_configs_carry_the_trained_settings_and_build_the_trained_network
         assert json.load(f)["downsample"] == "merging"  # the repository's bundle is left alone
     # the record travels with the weights' hash; both files are listed with their SHA-256
     record = read_provenance(os.path.join(packed, "models", "model.pt"))
-    from hybridmim_components.transfer import file_hash
+    from hybridmim_components.weights.transfer import file_hash
 
     assert record["weights_sha256"] == file_hash(os.path.join(packed, "models", "model.pt"))
     assert file_hash(os.path.join(packed, "models", "model.provenance.json")) in manifest

@@ -34,7 +34,7 @@ def test_layouts_load_everything_but_the_last_layer(tmp_path, backbone_state, wr
     path = tmp_path / "w.pt"
     torch.save(wrap(backbone_state), path)
     net = finetune_unet()
-    with caplog.at_level(logging.INFO, logger="hybridmim_components.transfer"):
+    with caplog.at_level(logging.INFO, logger="hybridmim_components.weights.transfer"):
         report = load_pretrained_weights(net, str(path))
     # the pretrained last layer has 1 output channel, the finetuning one 3: it is left to train, all else loads
     assert report["missing"] == [] and report["unexpected"] == []
@@ -95,7 +95,7 @@ def test_loads_with_weights_only(tmp_path, backbone_state):
 import hashlib  # noqa: E402
 import json  # noqa: E402
 
-from hybridmim_components.transfer import WeightsHashError  # noqa: E402
+from hybridmim_components.weights.transfer import WeightsHashError  # noqa: E402
 
 
 def make_bundle(root, state, manifest: str | None = None, manifest_name: str = "large_files.yml"):
@@ -135,7 +135,7 @@ def test_bundle_manifest_hash_is_verified(tmp_path, backbone_state, manifest_nam
     entry = {"path": "models/model.pt", "url": "", "hash_val": good, "hash_type": "sha256"}
     text = json.dumps({"large_files": [entry]}) if manifest_name.endswith("json") else yml(good)
     (bundle / manifest_name).write_text(text)
-    with caplog.at_level(logging.INFO, logger="hybridmim_components.transfer"):
+    with caplog.at_level(logging.INFO, logger="hybridmim_components.weights.transfer"):
         report = load_pretrained_weights(finetune_unet(), bundle)
     assert report["sha256"] == good and f"sha256 {good}" in caplog.text and manifest_name in caplog.text
 

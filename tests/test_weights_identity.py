@@ -17,9 +17,9 @@ from monai.networks.nets import SwinUNETR
 from test_public_weights import FS, dae_file, swin_state, tang_swinvit_file
 
 from hybridmim_components import LegacyPatchMerging, PretrainedWeightsError, load_pretrained_weights
-from hybridmim_components import public_weights
-from hybridmim_components.provenance import make_record, provenance_path, read_provenance, write_provenance
-from hybridmim_components.public_weights import convert_checkpoint
+from hybridmim_components.weights import public_weights
+from hybridmim_components.weights.provenance import make_record, provenance_path, read_provenance, write_provenance
+from hybridmim_components.weights.public_weights import convert_checkpoint
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -42,7 +42,7 @@ if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
 from tools.benchmarks.compute_step_cost import bundle_parser, count_step, to_device, training_parts  # noqa: E402
-from hybridmim_components.atomic_files import atomic_open  # noqa: E402
+from hybridmim_components.utils.atomic_files import atomic_open  # noqa: E402
 
 #: family -> bundles checked (the BraTS pretraining bundles: same networks, 4 channels, 128³ crops)
 FAMILIES = {

@@ -26,8 +26,8 @@ from ignite.engine import Events
 from ignite.handlers.checkpoint import BaseSaveHandler, Checkpoint
 from monai.handlers import CheckpointSaver
 
-from hybridmim_components.atomic_files import atomic_open, remove_leftovers
-from hybridmim_components.transfer import extract_state_dict
+from hybridmim_components.utils.atomic_files import atomic_open, remove_leftovers
+from hybridmim_components.weights.transfer import extract_state_dict
 
 from .run_identity import RunIdentity
 
@@ -129,8 +129,8 @@ class AtomicDiskSaver(BaseSaveHandler):
     """ignite save handler that never leaves a truncated checkpoint and never deletes one before its successor exists.
 
     A checkpoint is written to a hidden file in the same folder, flushed to disk and renamed over ``name``
-    (:func:`~hybridmim_components.atomic_files.atomic_open`), so a kill at any moment leaves either the old or the new
-    file.
+    (:func:`~hybridmim_components.utils.atomic_files.atomic_open`), so a kill at any moment leaves either the old or
+    the new file.
     ``remove`` (ignite's rotation of old checkpoints, which it calls *before* writing the new one) is deferred until
     the next write has succeeded. Files get the permissions the process's umask gives (MONAI's reason not to
     use ignite's ``atomic=True``, whose temporary file is private). Rank ``save_on_rank`` alone writes, as with

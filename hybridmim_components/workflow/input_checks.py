@@ -28,7 +28,7 @@ import numpy as np
 
 from hybridmim_components.workflow.flags import config_flag
 from hybridmim_components.workflow.data import load_datalist, resolve_datalist_path
-from hybridmim_components.distributed import rank_and_world_size
+from hybridmim_components.utils.distributed import rank_and_world_size
 
 __all__ = ["DataCheckError", "check_datalist", "check_volume_files", "check_contrastive_batch", "MAX_NAMED_PROBLEMS",
            "GRID_TOLERANCE_MM"]

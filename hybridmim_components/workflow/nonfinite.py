@@ -18,7 +18,7 @@ from ignite.engine import Engine, Events
 from monai.engines.utils import IterationEvents
 from monai.utils import CommonKeys as Keys
 
-from hybridmim_components.distributed import max_over_ranks
+from hybridmim_components.utils.distributed import max_over_ranks
 
 __all__ = ["NonFiniteLossGuard", "NonFiniteLossError"]
 

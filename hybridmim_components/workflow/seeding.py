@@ -11,7 +11,7 @@ import torch
 from ignite.engine import Engine, Events
 from monai.transforms import Randomizable, Transform
 
-from hybridmim_components.distributed import rank_and_world_size
+from hybridmim_components.utils.distributed import rank_and_world_size
 
 __all__ = ["ReseedHandler", "RandomStates", "transform_generators"]
 

@@ -43,7 +43,7 @@ if REPO_ROOT not in sys.path:
 
 from hybridmim_components.workflow import OnnxNetwork  # noqa: E402
 from tools.bundles.bundlegen.onnx import CONVERTER_KWARGS  # noqa: E402
-from hybridmim_components.atomic_files import atomic_open  # noqa: E402
+from hybridmim_components.utils.atomic_files import atomic_open  # noqa: E402
 
 BUNDLES_DIR = os.path.join(REPO_ROOT, "bundles")
 DEFAULT_VARIANT = {"threads": 0, "opt": "all", "stable": 1, "batch": 1}

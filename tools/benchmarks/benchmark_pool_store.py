@@ -32,7 +32,7 @@ import sys
 import time
 
 import numpy as np
-from hybridmim_components.atomic_files import atomic_open
+from hybridmim_components.utils.atomic_files import atomic_open
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if REPO_ROOT not in sys.path:

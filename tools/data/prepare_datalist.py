@@ -47,7 +47,7 @@ if __package__ in (None, ""):  # run as a file: make ``tools`` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from tools.data.file_identity import same_image  # noqa: E402
-from hybridmim_components.atomic_files import atomic_open  # noqa: E402
+from hybridmim_components.utils.atomic_files import atomic_open  # noqa: E402
 
 __all__ = ["btcv", "msd", "brats", "pool", "split_indices", "BTCV_SWINUNETR_VALIDATION", "BRATS_MODALITIES"]
 

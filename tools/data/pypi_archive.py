@@ -15,7 +15,7 @@ import urllib.parse
 import urllib.request
 from html.parser import HTMLParser
 
-from hybridmim_components.atomic_files import atomic_open
+from hybridmim_components.utils.atomic_files import atomic_open
 
 __all__ = ["DEFAULT_INDEX", "index_urls", "find_file_url", "download_verified"]
 

@@ -55,7 +55,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from hybridmim_components.atomic_files import atomic_open, atomic_path
+from hybridmim_components.utils.atomic_files import atomic_open, atomic_path
 
 __all__ = [
     "DicomConversionError",

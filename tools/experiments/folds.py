@@ -16,7 +16,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from hybridmim_components.atomic_files import atomic_open
+from hybridmim_components.utils.atomic_files import atomic_open
 from hybridmim_components.workflow.data import load_datalist
 from tools.data.file_identity import same_image
 

@@ -37,7 +37,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__fi
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
-from hybridmim_components.atomic_files import atomic_open  # noqa: E402
+from hybridmim_components.utils.atomic_files import atomic_open  # noqa: E402
 from hybridmim_components.workflow.data import DEFAULT_PATH_KEYS, load_datalist, resolve_datalist_path  # noqa: E402
 from tools import demo  # noqa: E402
 from tools.bundles.bundle_runner import (  # noqa: E402

@@ -7,7 +7,7 @@ import math
 import statistics
 from collections.abc import Sequence
 
-from hybridmim_components.atomic_files import atomic_open, atomic_path
+from hybridmim_components.utils.atomic_files import atomic_open, atomic_path
 
 
 def aggregate(rows: Sequence[dict], by: Sequence[str], value: str) -> list[dict]:

@@ -25,7 +25,7 @@ import numpy as np
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO_ROOT)
 
-from hybridmim_components.atomic_files import atomic_open  # noqa: E402
+from hybridmim_components.utils.atomic_files import atomic_open  # noqa: E402
 from tools.bundles.bundle_runner import bundle_command, dice_per_class, find_output, run_stage  # noqa: E402
 from tools.demo import FINETUNE, inference_overrides, parse_args as demo_args  # noqa: E402
 

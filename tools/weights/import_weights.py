@@ -3,9 +3,10 @@
     python tools/weights/import_weights.py model_swinvit.pt --out my_bundles/hybridmim_swin_pretrain --scope encoder
 
 The file's layout is recognised from its keys (Tang et al.'s Swin encoder, the model zoo's SwinUNETR, VoCo, SuPreM,
-DAE, the HybridMIM authors' files, or MONAI's own names: :mod:`hybridmim_components.public_weights`). The tensors are
-loaded into the bundle's own backbone (built from its ``configs/train.json`` with the file's width, merging order
-and SwinUNETR version, so the check is the one a finetune makes), the load report is printed, and then written:
+DAE, the HybridMIM authors' files, or MONAI's own names: :mod:`hybridmim_components.weights.public_weights`). The
+tensors are loaded into the bundle's own backbone (built from its ``configs/train.json`` with the file's width,
+merging order and SwinUNETR version, so the check is the one a finetune makes), the load report is printed, and then
+written:
 
 - ``<out>/models/model.pt``: the tensors that loaded, in the bundle's names. Nothing else: with ``--scope encoder``
   the decoder is *absent*, not random, so a finetune loading it with ``pretrained_scope "all"`` stops instead of
@@ -35,7 +36,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from hybridmim_components.atomic_files import atomic_open
+from hybridmim_components.utils.atomic_files import atomic_open
 
 __all__ = ["import_weights", "main"]
 
@@ -71,8 +72,8 @@ def merging_order(src: str, converted, record: dict | None, downsample: str | No
         ValueError: nothing states the order and ``downsample`` is ``None``, or ``downsample`` contradicts a record
             beside the file or a published file's digest (names both).
     """
-    from hybridmim_components.provenance import provenance_path
-    from hybridmim_components.public_weights import merging_source
+    from hybridmim_components.weights.provenance import provenance_path
+    from hybridmim_components.weights.public_weights import merging_source
 
     if downsample is not None and downsample not in MERGING_ORDERS:
         raise ValueError(f"--downsample {downsample!r}: expected one of {', '.join(MERGING_ORDERS)}.")
@@ -116,10 +117,10 @@ def import_weights(src: str, out: str, scope: str = "all", adapt_in_channels: bo
     """
     import torch
 
-    from hybridmim_components.provenance import make_record, read_provenance, record_from_layout, runtime_versions
-    from hybridmim_components.provenance import write_provenance
-    from hybridmim_components.public_weights import convert_checkpoint
-    from hybridmim_components.transfer import file_hash, load_pretrained_weights
+    from hybridmim_components.weights.provenance import (make_record, read_provenance, record_from_layout,
+                                                         runtime_versions, write_provenance)
+    from hybridmim_components.weights.public_weights import convert_checkpoint
+    from hybridmim_components.weights.transfer import file_hash, load_pretrained_weights
 
     weights = os.path.join(out, "models", "model.pt")
     if os.path.exists(weights) and not force:

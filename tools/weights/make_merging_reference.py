@@ -1,7 +1,7 @@
 """Make the MONAI 1.4 SwinUNETR reference that ``tests/test_merging.py`` checks ``LegacyPatchMerging`` against.
 
 MONAI 1.5 changed the 2×2×2 concatenation order of SwinUNETR's default ``PatchMerging`` (see
-``hybridmim_components/merging.py``). This script runs under MONAI 1.4, builds a small SwinUNETR
+``hybridmim_components/weights/merging.py``). This script runs under MONAI 1.4, builds a small SwinUNETR
 (``NET_ARGS``, eval mode), gives it fixed weights, runs it on a fixed input and saves
 
 - ``input`` [1, 1, 64, 32, 32] (float16, holding the float32 input exactly) and ``output`` [1, 2, 64, 32, 32]
@@ -37,7 +37,7 @@ import os
 import zlib
 
 import torch
-from hybridmim_components.atomic_files import atomic_open
+from hybridmim_components.utils.atomic_files import atomic_open
 
 REFERENCE_PATH = os.path.join(
     os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),

@@ -166,8 +166,8 @@ RESUME_GUARANTEE = (
 
 # end of a DDP run: every rank waits for the others (rank 0 may still be writing checkpoint_final.pt), then the
 # process group is destroyed; a destroy without that barrier aborted gloo ranks at exit now and then
-DDP_FINALIZE = ["$import hybridmim_components.distributed",
-                "$hybridmim_components.distributed.shutdown_process_group()"]
+DDP_FINALIZE = ["$import hybridmim_components.utils.distributed",
+                "$hybridmim_components.utils.distributed.shutdown_process_group()"]
 
 
 # --- pretrained weights: keys shared by both families ---------------------------------------------------------------
@@ -187,7 +187,8 @@ PRETRAINED_KEYS = {
 
 
 def preprocessing_record(ct: bool) -> dict:
-    """This bundle's preprocessing in the vocabulary of ``hybridmim_components.provenance`` (config references)."""
+    """This bundle's preprocessing in the vocabulary of ``hybridmim_components.weights.provenance`` (config
+    references)."""
     intensity = ({"kind": "window", "a_min": "@a_min", "a_max": "@a_max", "b_min": 0.0, "b_max": 1.0, "clip": True}
                  if ct else {"kind": "zscore", "nonzero": True, "channel_wise": True})
     return {"orientation": "RAS", "spacing": "@pixdim", "intensity": intensity, "crop": "@roi_size"}
@@ -207,9 +208,9 @@ def public_weights_section(swin: bool, pretraining: bool) -> str:
 ### Starting from other weights
 
 `pretrained_path` loads {target}; besides this collection's files it takes the public checkpoints that
-`hybridmim_components.public_weights` recognises from their keys (Tang et al.'s `model_swinvit.pt`, the model zoo's
-`swin_unetr_btcv_segmentation`, VoCo, SuPreM, Disruptive Autoencoders, the HybridMIM authors' layout). The log names
-the layout and the counts loaded / missing / unexpected / mis-shaped. The keys:
+`hybridmim_components.weights.public_weights` recognises from their keys (Tang et al.'s `model_swinvit.pt`, the
+model zoo's `swin_unetr_btcv_segmentation`, VoCo, SuPreM, Disruptive Autoencoders, the HybridMIM authors' layout). The
+log names the layout and the counts loaded / missing / unexpected / mis-shaped. The keys:
 
 | key | default | meaning |
 |---|---|---|
@@ -233,12 +234,12 @@ packs it with the weights; the finetune bundles check it.
 def provenance_recorder(backbone: str, swin: bool, in_channels, source: str, pool_size=None,
                         steps_planned=None, out_channels=None) -> dict:
     """`train#provenance`: writes models/model.provenance.json whenever models/model.pt is saved (what the weights
-    were trained with: preprocessing, backbone, merging order, versions; `hybridmim_components.provenance`)."""
+    were trained with: preprocessing, backbone, merging order, versions; `hybridmim_components.weights.provenance`)."""
     return {
-        "_target_": "hybridmim_components.provenance.ProvenanceRecorder",
+        "_target_": "hybridmim_components.weights.provenance.ProvenanceRecorder",
         "weights_path": "$@ckpt_dir + '/model.pt'",
         "record": {
-            "_target_": "hybridmim_components.provenance.make_record",
+            "_target_": "hybridmim_components.weights.provenance.make_record",
             "backbone": backbone,
             "width": "@feature_size" if swin else "@features",
             "in_channels": in_channels,
@@ -247,7 +248,7 @@ def provenance_recorder(backbone: str, swin: bool, in_channels, source: str, poo
             "pool_size": pool_size,
             "steps_planned": steps_planned,
             "source": source,
-            # what a finetune's weights also need to compute as trained (hybridmim_components.trained_settings)
+            # what a finetune's weights also need to compute as trained (hybridmim_components.weights.trained_settings)
             **({"out_channels": out_channels} if out_channels is not None else {}),
             **({"use_v2": "@use_v2"} if swin else {}),
         },
@@ -257,7 +258,7 @@ def provenance_recorder(backbone: str, swin: bool, in_channels, source: str, poo
 ATTACH_PROVENANCE = "$@train#provenance.attach(@train#trainer)"
 
 
-# --- trained weights: the settings they were trained with (hybridmim_components.trained_settings) --------------------
+# --- trained weights: the settings they were trained with (hybridmim_components.weights.trained_settings) ------------
 # stop (instead of warning) when a config's network or preprocessing differs from the trained weights' record
 CHECK_TRAINED_SETTINGS = True
 

@@ -262,7 +262,7 @@ def _backbone_class(backbone: str) -> str:
 def _trained_settings_keys(backbone: str) -> dict:
     """Keys of every config that loads the trained ``models/model.pt`` (inference, evaluate): the network in the
     record's fields and the check of both against ``models/model.provenance.json``
-    (``hybridmim_components.trained_settings``), evaluated as the ``_requires_`` of ``network_def``."""
+    (``hybridmim_components.weights.trained_settings``), evaluated as the ``_requires_`` of ``network_def``."""
     return {
         "check_trained_settings": CHECK_TRAINED_SETTINGS,
         "architecture_record": architecture_record(_backbone_class(backbone), backbone == "swin"),

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from monai.networks.nets.swin_unetr import PatchMerging
 
+__all__ = ["LEGACY_MERGING_ORDER", "DOWNSAMPLE_CHOICES", "LegacyPatchMerging", "resolve_downsample"]
+
 # (d, h, w) offsets of the 8 slices, in the order MONAI <= 1.4 concatenated them (duplicates are the point)
 LEGACY_MERGING_ORDER = ((0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 0, 1), (0, 1, 0), (0, 0, 1), (1, 1, 1))
 

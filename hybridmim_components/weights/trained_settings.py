@@ -1,7 +1,7 @@
 """Trained weights computed with the settings they were trained with, or a stop that says which key differs.
 
-A finetune writes ``models/model.provenance.json`` beside ``models/model.pt`` (:mod:`hybridmim_components.provenance`):
-the width, input and output channels, SwinUNETR's patch-merging order, spacing, orientation and intensity window the
+A finetune writes ``models/model.provenance.json`` beside ``models/model.pt``
+(:mod:`hybridmim_components.weights.provenance`): the width, input and output channels, SwinUNETR's patch-merging order, spacing, orientation and intensity window the
 weights were trained with. Two SwinUNETRs that differ only in their merging order have the same parameter shapes, so a
 plain ``CheckpointLoader`` loads the weights of one into the other without a word and the network computes other
 features; a different spacing or window feeds the network input it never saw. Every config that builds a network for
@@ -22,7 +22,7 @@ import logging
 import os
 from collections.abc import Mapping
 
-from hybridmim_components.provenance import _plain, _same, provenance_path, read_provenance
+from hybridmim_components.weights.provenance import _plain, _same, provenance_path, read_provenance
 
 __all__ = [
     "TrainedSettingsMismatchError",
@@ -130,7 +130,7 @@ def _bundle_root(weights: str) -> str | None:
 def _verify_packed_hashes(weights: str, record: Mapping) -> None:
     """A packed bundle lists the record's and the weights' SHA-256 (``large_files.yml``); the record names the
     weights' hash (``weights_sha256``): a record that does not belong to these weights is refused."""
-    from hybridmim_components.transfer import file_hash, verify_weights_hash
+    from hybridmim_components.weights.transfer import file_hash, verify_weights_hash
 
     root = _bundle_root(weights)
     if root is not None:
@@ -160,8 +160,8 @@ def check_trained_settings(
         architecture: the config's network in record fields: ``backbone`` (``"SwinUNETR"``/``"BasicUNet"``),
             ``width`` (``feature_size`` or ``features``), ``in_channels``, ``out_channels``, ``downsample``, ``use_v2``.
             ``None``: not compared (an ONNX graph fixes it).
-        preprocessing: ``orientation``, ``spacing``, ``intensity`` as :mod:`hybridmim_components.provenance` writes
-            them. ``None``: not compared.
+        preprocessing: ``orientation``, ``spacing``, ``intensity`` as
+            :mod:`hybridmim_components.weights.provenance` writes them. ``None``: not compared.
         enabled: ``False`` (``--check_trained_settings false``) logs each difference as a warning instead of stopping.
 
     Returns:

@@ -28,7 +28,7 @@ import math
 import os
 from collections.abc import Mapping
 
-from hybridmim_components.atomic_files import atomic_open
+from hybridmim_components.utils.atomic_files import atomic_open
 
 __all__ = [
     "PROVENANCE_FORMAT",
@@ -204,7 +204,7 @@ def compare_preprocessing(
 
 
 def record_from_layout(layout) -> dict | None:
-    """The record of a public checkpoint layout (:class:`hybridmim_components.public_weights.Layout`): its
+    """The record of a public checkpoint layout (:class:`hybridmim_components.weights.public_weights.Layout`): its
     publishers' stated preprocessing, architecture and the patch-merging order it was trained with. ``None`` for the
     generic layout of files in MONAI's own names (``hybridmim_bundle``): their origin is unknown without a record
     beside them."""
@@ -256,14 +256,14 @@ class ProvenanceRecorder:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self.epoch_completed)
 
     def started(self, engine) -> None:
-        from hybridmim_components.distributed import rank_and_world_size
+        from hybridmim_components.utils.distributed import rank_and_world_size
 
         self._seen = self._stamp()
         if rank_and_world_size()[0] == 0 and (self._seen is None or read_provenance(self.weights_path) is None):
             write_provenance(self.weights_path, self.record)  # a resumed run keeps the record of its saved weights
 
     def epoch_completed(self, engine) -> None:
-        from hybridmim_components.distributed import rank_and_world_size
+        from hybridmim_components.utils.distributed import rank_and_world_size
 
         stamp = self._stamp()
         if rank_and_world_size()[0] != 0 or stamp is None or stamp == self._seen:

@@ -184,7 +184,7 @@ def extract_state_dict(checkpoint: Mapping) -> dict[str, torch.Tensor]:
     """The flat ``{name: tensor}`` of a checkpoint: unwraps ``{"model": ...}``/``{"state_dict": ...}`` (and
     ``network``/``net``/``backbone``) and strips leading ``module.``/``backbone.`` prefixes (repeatedly, as DDP around
     a pretraining wrapper stacks them)."""
-    from hybridmim_components.public_weights import unwrap_checkpoint
+    from hybridmim_components.weights.public_weights import unwrap_checkpoint
 
     return unwrap_checkpoint(checkpoint, wrapper_keys=_WRAPPER_KEYS, prefixes=_PREFIXES)[1]
 
@@ -220,7 +220,7 @@ def network_merging(network: nn.Module) -> str | None:
     """The patch-merging order of a SwinUNETR (``"merging"``, ``"merging_legacy"``, ``"mergingv2"``), else ``None``."""
     from monai.networks.nets.swin_unetr import PatchMergingV2
 
-    from hybridmim_components.merging import LegacyPatchMerging
+    from hybridmim_components.weights.merging import LegacyPatchMerging
 
     if _backbone_kind(network) != "SwinUNETR":
         return None
@@ -248,7 +248,7 @@ def adapt_input_channels(weight: torch.Tensor, in_channels: int) -> torch.Tensor
 def _convert(checkpoint: Mapping, path: str):
     """``(converted checkpoint or None, flat state dict, dropped names)`` of a raw checkpoint; files of no known layout
     are read as a plain (possibly wrapped/prefixed) state dict, which the coverage check below then judges."""
-    from hybridmim_components import public_weights
+    from hybridmim_components.weights import public_weights
 
     try:
         converted = public_weights.convert_checkpoint(checkpoint, path=path)
@@ -277,7 +277,8 @@ def _format_report(report: dict, limit: int = 20) -> str:
 def _check_merging(network: nn.Module, source_merging: str | None, what: str, source: str | None = None) -> None:
     """Stop before a SwinUNETR computes other features than the weights were trained with (MONAI 1.5 changed the
     order in which PatchMerging concatenates the 2×2×2 neighbours; files load without any error either way).
-    ``source`` says who states ``source_merging`` (:func:`~hybridmim_components.public_weights.merging_source`)."""
+    ``source`` says who states ``source_merging``
+    (:func:`~hybridmim_components.weights.public_weights.merging_source`)."""
     ours = network_merging(network)
     if ours is None:
         return
@@ -314,8 +315,8 @@ def load_pretrained_weights(
         path: a checkpoint file or a bundle folder (``configs/metadata.json`` and ``models/model.pt``, e.g. a
             downloaded pretraining bundle): its ``models/model.pt``, verified first against the hash its
             ``large_files.yml``/``.yaml``/``.json`` lists. Public layouts (Tang et al.'s Swin encoder, the model zoo's
-            SwinUNETR, VoCo, SuPreM, DAE, the HybridMIM authors' files; see :mod:`hybridmim_components.public_weights`)
-            are recognised from their keys and renamed; anything else is read as a plain state dict (``model``/
+            SwinUNETR, VoCo, SuPreM, DAE, the HybridMIM authors' files; see
+            :mod:`hybridmim_components.weights.public_weights`) are recognised from their keys and renamed; anything else is read as a plain state dict (``model``/
             ``state_dict`` wrappers, ``module.``/``backbone.`` prefixes stripped). ``None``, ``""`` or
             ``"null"``/``"none"`` (what a command-line override delivers): train from scratch (logged, returns ``None``).
         map_location: passed to ``torch.load`` (always ``weights_only=True``).
@@ -329,8 +330,8 @@ def load_pretrained_weights(
             :func:`adapt_input_channels`; off, a channel difference stops naming this option.
         expected_preprocessing: this bundle's preprocessing (the ``preprocessing`` fields of a provenance record):
             compared with the record beside the weights, or the published one of a public layout.
-        strict_preprocessing: stop (:class:`~hybridmim_components.provenance.PreprocessingMismatchError`) instead of
-            warning when the preprocessing differs.
+        strict_preprocessing: stop (:class:`~hybridmim_components.weights.provenance.PreprocessingMismatchError`)
+            instead of warning when the preprocessing differs.
 
     Returns:
         The report: ``path``, ``layout``, ``identified_by`` (``"hash"``, ``"keys"``, ``"shapes"``: a guess, or
@@ -347,13 +348,13 @@ def load_pretrained_weights(
         PretrainedWeightsError: a parameter the scope requires is missing or mis-shaped, the input channels differ
             without ``adapt_in_channels``, or the SwinUNETR patch-merging order differs from the weights'.
     """
-    from hybridmim_components.provenance import (
+    from hybridmim_components.weights.provenance import (
         compare_preprocessing,
         provenance_path,
         read_provenance,
         record_from_layout,
     )
-    from hybridmim_components.public_weights import merging_source
+    from hybridmim_components.weights.public_weights import merging_source
 
     if path is None or str(path).strip().lower() in ("", "null", "none"):
         logger.info("pretrained_path is empty: training from scratch (random initialisation).")

@@ -6,13 +6,13 @@ timm's MLP names (``mlp.fc1``) instead of MONAI's (``mlp.linear1``), and pretext
 that strips ``module.`` and calls ``load_state_dict(strict=False)`` loads nothing from most of them and says nothing.
 This module names the layout of a checkpoint (:func:`detect_layout`) and converts it into a flat state dict in
 MONAI's own ``SwinUNETR`` (or ``BasicUNet``) names (:func:`convert_checkpoint`), listing what it dropped; the loader
-(:mod:`hybridmim_components.transfer`) then reports what loaded into the network.
+(:mod:`hybridmim_components.weights.transfer`) then reports what loaded into the network.
 
 Each :class:`Layout` also records what a user must match to get what the weights computed in training: what part of
 the network they cover, the patch-merging order they were trained with (all public SwinUNETR weights known here
 predate MONAI 1.5's fix of ``PatchMerging``: ``"merging_legacy"``), and the preprocessing the publishers' code
 applies (fields a publisher did not state are ``None``). ``preprocessing`` uses the fields of a provenance record
-(:mod:`hybridmim_components.provenance`: ``orientation``, ``spacing``, ``intensity``, ``crop``); the network
+(:mod:`hybridmim_components.weights.provenance`: ``orientation``, ``spacing``, ``intensity``, ``crop``); the network
 settings live in ``architecture``.
 
 The facts in :data:`LAYOUTS` come from the publishers' code; each layout's ``sources`` names the files read.
@@ -34,8 +34,8 @@ from types import MappingProxyType
 
 import torch
 
-from hybridmim_components.provenance import provenance_path
-from hybridmim_components.provenance import window_intensity as _window  # the record's CT window
+from hybridmim_components.weights.provenance import provenance_path
+from hybridmim_components.weights.provenance import window_intensity as _window  # the record's CT window
 
 __all__ = [
     "Layout",
