@@ -243,6 +243,38 @@ def test_a_volume_smaller_than_the_crop_is_refused_by_name(store):
         pool_store_entries(os.path.dirname(store_dir))
 
 
+def test_the_store_check_names_a_truncated_volume_and_an_older_store(store, tmp_path, caplog):
+    """The check a run from the store makes instead of the datalist scan: a truncated copy of a volume is named
+    (check_data true reads each .npy header and size), a store without its validation list says how to add it."""
+    import shutil
+
+    from hybridmim_components.workflow import check_pool_store, pool_store_entries
+
+    _, store_dir, manifest, _ = store
+    copy = str(tmp_path / "store")
+    shutil.copytree(store_dir, copy)
+    with caplog.at_level("INFO"):
+        assert check_pool_store(copy, ROI, image_channels=1) == {"training": 3, "validation": 2}
+    assert "3 training and 2 validation volumes" in caplog.text
+    with pytest.raises(ValueError, match=r"1 channel\(s\), this bundle's network takes 4"):
+        check_pool_store(copy, ROI, image_channels=4)
+    victim = os.path.join(copy, manifest["volumes"][1]["file"])
+    with open(victim, "r+b") as f:
+        f.truncate(os.path.getsize(victim) // 2)  # a copy cut short
+    with pytest.raises(ValueError, match=rf"'{victim}': \d+ bytes, expected \d+ \(truncated copy\?\)"):
+        check_pool_store(copy, ROI, image_channels=1)
+    assert check_pool_store(copy, ROI, image_channels=1, enabled="false")["training"] == 3  # the CLI's string
+
+    with open(os.path.join(copy, "manifest.json")) as f:
+        older = json.load(f)
+    del older["validation"]
+    with open(os.path.join(copy, "manifest.json"), "w") as f:
+        json.dump(older, f)
+    with pytest.raises(ValueError, match=r"no validation volumes \(built by an older preprocess_pool.py\); rerun "
+                                         r"`python tools/data/preprocess_pool.py"):
+        pool_store_entries(copy, section="validation")
+
+
 def _shard_worker(rank: int, world: int, store_dir: str, init_file: str, out_dir: str) -> None:
     import torch.distributed as dist
 
