@@ -229,3 +229,20 @@ def test_packed_configs_carry_the_trained_settings_and_build_the_trained_network
     with pytest.raises(Exception) as e:
         parse(packed, ["inference.json"]).get_parsed_content("network_def")
     assert "sha256 of" in chain(e.value) and "model.provenance.json" in chain(e.value)
+
+
+@pytest.mark.parametrize("files", [["inference.json"], ["train.json", "evaluate.json"]], ids=["inference", "evaluate"])
+def test_a_pretraining_bundle_checks_its_saved_backbone_too(tmp_path, files):
+    """The reconstruction (inference.json) and the pretext evaluation load models/model.pt as well."""
+    root = tmp_path / "hybridmim_unet_pretrain"
+    shutil.copytree(os.path.join(REPO_ROOT, "bundles", "hybridmim_unet_pretrain"), root,
+                    ignore=shutil.ignore_patterns("models"))
+    (root / "models").mkdir()
+    torch.save({}, root / "models" / "model.pt")  # never loaded: the check comes first
+    write_provenance(root / "models" / "model.pt", make_record(
+        "BasicUNet", [4, 4, 8, 8, 16, 4], 1, ct_preprocessing(spacing=(3.0, 3.0, 3.0)), source="hybridmim_unet_pretrain"))
+    with pytest.raises(Exception) as e:
+        parse(str(root), files).get_parsed_content("network_def")
+    text = chain(e.value)
+    assert "features: trained with [4, 4, 8, 8, 16, 4], this config has [32, 32, 64, 128, 256, 32]" in text
+    assert "--pixdim '[3.0, 3.0, 3.0]'" in text

@@ -19,7 +19,8 @@ from tools.bundles.bundlegen.common import (WORKFLOW, ADAMW, ATTACH_RANDOM_STATE
                                             DOWNSAMPLE, PRETRAINED_KEYS, USE_V2, RANDOM_STATES, RESUME_GUARANTEE, SAVER,
                                             load_pretrained_call, location_keys, metadata_header,
                                             preprocessing_record, provenance_recorder, public_weights_section,
-                                            ATTACH_PROVENANCE)
+                                            ATTACH_PROVENANCE, CHECK_TRAINED_SETTINGS, architecture_record,
+                                            trained_settings_check)
 from tools.bundles.bundlegen.figures import performance_section
 from tools.bundles.bundlegen import pool
 from tools.bundles.bundlegen.identity import CHANGED_SETTINGS, loader_keys, run_identity, unless_resuming
@@ -486,9 +487,12 @@ def _multi_gpu_config(train: dict) -> dict:
     return config
 
 
-def _evaluate_config() -> dict:
+def _evaluate_config(spec: Spec) -> dict:
     """Layered on train.json: pretext metrics of the saved model on the validation list."""
     return {
+        # the saved model.pt is loaded into train.json's network_def: its settings are checked against the record
+        **_trained_settings_keys(spec),
+        "network_def#_requires_": "@trained_settings_check",
         "validate#handlers": [
             {"_target_": f"{WORKFLOW}.ReseedHandler", "seed": "@seed", "transform": "@validate#preprocessing",
              "generator": "@validate#generator"},
@@ -503,6 +507,18 @@ def _evaluate_config() -> dict:
             "@ckpt_dir + '/pretrain_network.pt', map_location=@device)",
         ],
         "run": ["$@validate#evaluator.run()"],
+    }
+
+
+def _trained_settings_keys(spec: Spec) -> dict:
+    """Keys of the configs that load the saved ``models/model.pt`` (inference, evaluate): the network in the
+    record's fields and the check against ``models/model.provenance.json`` (``_requires_`` of ``network_def``)."""
+    swin = spec.backbone == "swin"
+    return {
+        "check_trained_settings": CHECK_TRAINED_SETTINGS,
+        "architecture_record": architecture_record("SwinUNETR" if swin else "BasicUNet", swin,
+                                                   in_channels="@in_channels", out_channels=None),
+        "trained_settings_check": trained_settings_check(),
     }
 
 
@@ -533,8 +549,11 @@ def _inference_config(spec: Spec, train: dict) -> dict:
             "dropout": 0.1,
             "region_size": "@region_size",
         }
+    head["network_def"]["_requires_"] = "@trained_settings_check"  # also when MONAI Label or ckpt_export build it
     return {
         **head,
+        "preprocessing_record": preprocessing_record(spec.ct),
+        **_trained_settings_keys(spec),
         "checkpointloader": {
             "_target_": "CheckpointLoader",
             "load_path": "$@ckpt_dir + '/model.pt'",
@@ -912,7 +931,7 @@ def bundles() -> dict:
         result[spec.name] = {
             "configs/train.json": train,
             "configs/multi_gpu_train.json": _multi_gpu_config(train),
-            "configs/evaluate.json": _evaluate_config(),
+            "configs/evaluate.json": _evaluate_config(spec),
             "configs/inference.json": _inference_config(spec, train),
             "configs/metadata.json": _metadata(spec),
             "docs/README.md": _readme(spec),
