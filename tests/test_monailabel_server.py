@@ -147,9 +147,10 @@ def served(tmp_path_factory):
     work = tmp_path_factory.mktemp("monailabel")
     apps, studies, data = str(work / "apps"), str(work / "studies"), str(work / "data")
     python = wheel_python(str(work / "wheel"))  # the recipient's: the released package, no checkout
-    # the sample app shipped in the MONAI Label wheel (copied from the installed package: no download)
-    _run([python, START_SERVER, "apps", "--download", "--name", "monaibundle", "--output", apps],
-         "monailabel apps --download", cwd=str(work), env=clean_env())
+    # the sample app shipped in the MONAI Label wheel (copied from the installed package: no download; MONAI Label
+    # finds its sample-apps under its environment's prefix, the test environment's)
+    _run([sys.executable, START_SERVER, "apps", "--download", "--name", "monaibundle", "--output", apps],
+         "monailabel apps --download")
     app = os.path.join(apps, "monaibundle")
     model_dir = os.path.join(app, "model")
     os.makedirs(model_dir, exist_ok=True)
