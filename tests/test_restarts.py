@@ -304,8 +304,6 @@ _NOT_ATOMIC = {
     "tools/data/fetch_pool_ct.py": "writes a member to a temporary folder for ITK to read",
     "tools/benchmarks/benchmark_pool_store.py": "measures the write itself (scratch volumes)",
     "tools/benchmarks/benchmark_onnx_inference.py": "the network's weights in a scratch folder",
-    "tools/demo.py": "(not yet routed: being edited elsewhere)",
-    "tools/experiments/visualize_reconstruction.py": "(not yet routed: being edited elsewhere)",
 }
 _SAVERS = {"save", "savez", "savez_compressed", "savefig", "to_csv", "to_filename", "write_text", "write_bytes"}
 

@@ -35,6 +35,7 @@ import numpy as np
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
+from hybridmim_components.utils.atomic_files import atomic_open, atomic_path  # noqa: E402
 from tools.bundles.bundle_runner import (  # noqa: E402
     StageFailed,
     bundle_command,
@@ -145,7 +146,8 @@ def _save_panels(path: str, panels: list, z: int, title: str) -> None:
         ax.axis("off")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:  # a killed demo never leaves half a picture
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
 
 
@@ -326,9 +328,9 @@ def main(argv=None) -> int:
                        "held-out CT crop, pretrained UNet: CPU demo")
     summary = {"setting": setting, "pretext": pretext_rows, "dice": dice, "mean_dice": mean_dice,
                "minutes": minutes, "pngs": [seg_png, rec_png]}
-    with open(os.path.join(out, "summary.json"), "w", encoding="utf-8") as f:
+    with atomic_open(os.path.join(out, "summary.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=2)
-    with open(os.path.join(out, "summary.md"), "w", encoding="utf-8") as f:
+    with atomic_open(os.path.join(out, "summary.md"), "w", encoding="utf-8") as f:
         f.write(markdown + "\n")
     print("\n" + markdown)
     print(f"\nwrote {seg_png}\n      {rec_png}\n      {os.path.join(out, 'summary.md')} (logs in {logs})")

@@ -18,6 +18,8 @@ if __package__ in (None, ""):  # run as a file: make ``tools`` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import fire  # noqa: E402
+
+from hybridmim_components.utils.atomic_files import atomic_open  # noqa: E402
 import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -34,7 +36,7 @@ def write_png(path: str, gray: np.ndarray) -> None:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
     rows = b"".join(b"\x00" + gray[r].tobytes() for r in range(height))  # filter type 0 per row
-    with open(path, "wb") as f:
+    with atomic_open(path, "wb") as f:
         f.write(b"\x89PNG\r\n\x1a\n")
         f.write(chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)))
         f.write(chunk(b"IDAT", zlib.compress(rows, 6)))
