@@ -104,6 +104,12 @@ def test_weights_without_a_record_are_used_with_a_warning(weights, caplog):
     assert "without a provenance record" in caplog.text
 
 
+def test_missing_weights_are_said_not_checked(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING):
+        assert check_trained_settings(tmp_path / "models" / "model.pt", swin_architecture("merging"), None) == []
+    assert "no trained weights at" in caplog.text and "--bundle_root" in caplog.text
+
+
 def test_a_record_that_names_other_weights_is_refused(weights):
     write_provenance(weights, {**swin_record(), "weights_sha256": "0" * 64})
     with pytest.raises(TrainedSettingsMismatchError, match="belongs to other weights"):

@@ -176,7 +176,11 @@ def check_trained_settings(
     enabled = config_flag(enabled, "check_trained_settings")
     weights = os.fspath(weights)
     if not os.path.isfile(weights):
-        return []  # nothing to compute with yet: the loader names the missing file
+        # nothing to compare with: a loader of this path names the missing file; a tool given its weights by another
+        # path (onnx_export --ckpt_file, run outside the bundle) must not pass unchecked without a word
+        logger.warning(f"no trained weights at {weights}: this config's settings are not checked against a record "
+                       "(run from the bundle folder, or set --bundle_root to it).")
+        return []
     record = read_provenance(weights)
     if record is None:
         logger.warning(
