@@ -191,6 +191,10 @@ COVERAGE: List[Tuple[str, object]] = [
                                                      expect='pip install -q -e ".[test]"')),
     (r'\.: pip install -e "\.\[test\]"', covered_by(".ci/run", "CI's install step", expect='pip install -q -e ".[test]"')),
     (r"\.: python -m pytest -n 2 tests", covered_by(".ci/run", "CI's test step", expect="-m pytest -n 2 tests")),
+    # ---- the next MONAI (docs/compatibility.md "The next MONAI"): CI step 5 makes the same side environment ---------
+    (r"\.: (python3 -m venv \.venv-weekly|\.venv-weekly/bin/python -m pip (install|uninstall) .*)",
+     covered_by(".ci/run", "CI step 5 makes the same environment in the same order and runs its tests there",
+                expect="-m pip uninstall -q -y monai")),
     # ---- MONAI Label (docs/running.md "MONAI Label") ---------------------------------------------------------------
     (r"\.: pip install --no-deps -r tools/monailabel/requirements\.txt", covered_by(
         ".ci/run", "CI installs the same file into both environments",
