@@ -35,10 +35,11 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUNDLES_DIR = os.path.join(REPO_ROOT, "bundles")
 CASES = [(b, t) for b in BACKBONES for t in TASKS]
 IDS = [bundle_name(b, t) for b, t in CASES]
-# exported through the CLI: every UNet bundle, and the Swin bundles with 1 (BTCV) and 4 (BraTS) input channels. The
-# Swin spleen and liver bundles are generated as BTCV's but for the classes (the fast tests above compare their
-# configs), and a SwinUNETR export takes about a minute on 2 CPU cores.
-EXPORT_CASES = [(b, t) for b, t in CASES if b == "unet" or t in ("btcv", "brats")]
+# exported through the CLI: every UNet bundle, and the Swin bundle with 4 (BraTS) input channels; the 1-channel Swin
+# export and its onnxruntime run are tests/test_shared_bundle.py's (a trained spleen bundle, downloaded, from the wheel).
+# The Swin BTCV, spleen and liver bundles are generated alike but for the classes (the fast tests above compare their
+# configs), and a SwinUNETR export takes 1-2 minutes on 2 CPU cores.
+EXPORT_CASES = [(b, t) for b, t in CASES if b == "unet" or t == "brats"]
 EXPORT_IDS = [bundle_name(b, t) for b, t in EXPORT_CASES]
 WIDTH = {"swin": {"feature_size": 12}, "unet": {"features": [8, 8, 16, 32, 64, 8]}}
 ROI = {"swin": 64, "unet": 32}  # the smallest patches each backbone takes (tests shrink, defaults stay)
