@@ -40,12 +40,10 @@ EVAL_RUNTIME = {"amp": False, "train#dataloader#num_workers": 0}
 
 
 def env(python_path: str | None = REPO_ROOT) -> dict:
-    e = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    e.pop("BUNDLE_DOWNLOAD_SRC", None)
-    e.pop("PYTHONPATH", None)
-    if python_path:
-        e["PYTHONPATH"] = python_path
-    return e
+    """The wheel venv's clean environment; with ``python_path``, the checkout importable (the training side)."""
+    from wheel_env import clean_env
+
+    return {**clean_env(), "PYTHONPATH": python_path} if python_path else clean_env()
 
 
 def run(args: list[str], cwd: str, python_path: str | None = REPO_ROOT, timeout: int = 900):
@@ -61,8 +59,6 @@ def ok(proc, what: str) -> str:
 def cli(overrides: dict) -> list[str]:
     args = []
     for key, value in overrides.items():
-        if value is None:  # left out
-            continue
         args += [f"--{key}", value if isinstance(value, str) else repr(value)]
     return args
 
@@ -114,12 +110,12 @@ def wheel_python(tmp_path_factory):
 def test_default_commands_of_the_trained_folder_stop_on_the_forgotten_merging_order(trained, tmp_path):
     root, datalist = trained
     remembered = {"bundle_root": root, **data_overrides(datalist), "feature_size": WIDTH, "roi_size": ROI,
-                  "output_dir": str(tmp_path / "out"), **RUNTIME}
+                  "output_dir": str(tmp_path / "out")}
     expected = "downsample: trained with 'merging_legacy', this config has 'merging'"
     commands = {
-        "inference.json": ["run", "--config_file", configs(root, "inference.json"), *cli(remembered)],
+        "inference.json": ["run", "--config_file", configs(root, "inference.json"), *cli({**remembered, **RUNTIME})],
         "evaluate.json": ["run", "--config_file", configs(root, "train.json", "evaluate.json"),
-                          *cli({**remembered, **EVAL_RUNTIME, "dataloader#num_workers": None})],
+                          *cli({**remembered, **EVAL_RUNTIME})],
         "onnx_export": ["onnx_export", "network_def", "--filepath", str(tmp_path / "model.onnx"), "--ckpt_file",
                         os.path.join(root, "models", "model.pt"), "--config_file", configs(root, "inference.json"),
                         "--input_shape", "[2, 1, 64, 64, 64]", *cli({"bundle_root": root, "feature_size": WIDTH})],
