@@ -36,6 +36,7 @@ __all__ = [
     "provenance_path",
     "read_provenance",
     "write_provenance",
+    "provenance_text",
     "make_record",
     "runtime_versions",
     "window_intensity",
@@ -75,12 +76,16 @@ def read_provenance(weights: str | os.PathLike) -> dict | None:
     return dict(record)
 
 
+def provenance_text(record: Mapping) -> str:
+    """A record as its file holds it (sorted keys, indented, a final newline): written here and packed as is."""
+    return json.dumps(_plain(record), indent=2, sort_keys=True) + "\n"
+
+
 def write_provenance(weights: str | os.PathLike, record: Mapping) -> str:
     """Write ``record`` beside ``weights`` atomically (a reader never sees half a file); returns the path."""
     path = provenance_path(weights)
     with atomic_open(path, "w") as f:
-        json.dump(_plain(record), f, indent=2, sort_keys=True)
-        f.write("\n")
+        f.write(provenance_text(record))
     return path
 
 

@@ -181,7 +181,9 @@ def trained_configs(bundle: str, record: Mapping) -> dict[str, tuple[str, list[s
 def _packed_record(record: Mapping, weights_digest: str) -> str:
     """The record as packed: it names the SHA-256 of the weights it describes (a record beside other weights is
     refused by ``check_trained_settings``)."""
-    return json.dumps({**record, "weights_sha256": weights_digest}, indent=2, sort_keys=True) + "\n"
+    from hybridmim_components.weights.provenance import provenance_text
+
+    return provenance_text({**record, "weights_sha256": weights_digest})
 
 
 def _existing_url(bundle: str) -> str | None:
