@@ -15,6 +15,7 @@ from tools.bundles.bundlegen.common import (WORKFLOW, ADAMW, ATTACH_RANDOM_STATE
                                             metadata_header, preprocessing_record, provenance_recorder,
                                             public_weights_section, ATTACH_PROVENANCE, CHECK_TRAINED_SETTINGS,
                                             architecture_record, trained_settings_check)
+from tools.bundles.bundlegen.dicom_segments import dicom_segments
 from tools.bundles.bundlegen.figures import performance_section
 from tools.bundles.bundlegen.identity import CHANGED_SETTINGS, loader_keys, run_identity, unless_resuming
 from tools.bundles.bundlegen.onnx import onnx_files, readme_section as onnx_readme_section
@@ -882,6 +883,9 @@ def metadata(backbone: str, task: str) -> dict:
             "pred_classes": pred_classes,
             "intended_use": "Research only: not for clinical or diagnostic use.",
             "references": REFERENCES,
+            # each value of the post-processed label map as a DICOM SEG segment (name, SNOMED CT codes, colour):
+            # what a label saved back to a PACS is called there (docs/pacs.md)
+            "dicom_segments": dicom_segments(post_def),
             "network_data_format": {
                 "inputs": {
                     "image": {
