@@ -15,6 +15,7 @@ shape and affine, only the bundle's label values, and equal the label map the do
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -142,42 +143,34 @@ def _cli_inference(root: str, image, out_dir: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    """A running MONAI Label server with the three tiny bundles; yields its URL and paths; stopped at teardown."""
+def app(tmp_path_factory):
+    """The ``monaibundle`` app with the three tiny bundles trained, packed and downloaded into its model folder."""
     work = tmp_path_factory.mktemp("monailabel")
-    apps, studies, data = str(work / "apps"), str(work / "studies"), str(work / "data")
+    apps, data = str(work / "apps"), str(work / "data")
     python = wheel_python(str(work / "wheel"))  # the recipient's: the released package, no checkout
     # the sample app shipped in the MONAI Label wheel (copied from the installed package: no download; MONAI Label
     # finds its sample-apps under its environment's prefix, the test environment's)
     _run([sys.executable, START_SERVER, "apps", "--download", "--name", "monaibundle", "--output", apps],
          "monailabel apps --download")
-    app = os.path.join(apps, "monaibundle")
-    model_dir = os.path.join(app, "model")
+    app_dir = os.path.join(apps, "monaibundle")
+    model_dir = os.path.join(app_dir, "model")
     os.makedirs(model_dir, exist_ok=True)
     roots = {bundle_name(b, t): _train_pack_download(b, t, python, model_dir, str(work), data) for b, t in SERVED}
+    return {"dir": app_dir, "python": python, "roots": roots, "work": str(work), "data": data}
 
-    os.makedirs(studies)
-    ct_list = make_ct_dataset(os.path.join(data, "served_ct"), num_classes=2, shape=(40, 44, 36),
-                              spacing=SERVED_CT_SPACING, n_train=1, n_val=1, n_test=1, seed=7)
-    with open(ct_list) as f:
-        ct_image = json.load(f)["testing"][0]["image"]
-    shutil.copy(os.path.join(os.path.dirname(ct_list), ct_image), os.path.join(studies, "served_ct.nii.gz"))
-    brats_list = make_brats_dataset(os.path.join(data, "served_brats"), n_train=1, n_val=1, n_test=1, seed=7)
-    with open(brats_list) as f:
-        brats_entry = json.load(f)["testing"][0]["image"]  # the four sequence files, T1, T1ce, T2, FLAIR
-    case = os.path.basename(os.path.dirname(brats_entry[0]))
-    brats_sequences = [os.path.join(os.path.dirname(brats_list), p) for p in brats_entry]
-    _stack_brats_as_documented(os.path.join(os.path.dirname(brats_list), case), case,
-                               os.path.join(studies, "served_brats.nii.gz"))
 
+@contextlib.contextmanager
+def _server(app: dict, studies: str, models: list[str], log_path: str, env: dict | None = None):
+    """A MONAI Label server (the wheel's Python, outside the checkout) on a free port of 127.0.0.1 serving ``models``
+    of the app from ``studies`` (a folder or a DICOMweb URL); yields (URL, /info/); stopped when the block ends."""
     port = _free_port()
-    log_path = str(work / "server.log")
     log = open(log_path, "w")
     proc = subprocess.Popen(
-        [python, START_SERVER, "start_server", "--app", app, "--studies", studies,
-         "--conf", "models", ",".join(roots), "--conf", "zoo_source", "local", "--conf", "sam2", "false",
+        [app["python"], START_SERVER, "start_server", "--app", app["dir"], "--studies", studies,
+         "--conf", "models", ",".join(models), "--conf", "zoo_source", "local", "--conf", "sam2", "false",
          "--conf", "skip_trainers", "true", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=str(work), env=clean_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        cwd=app["work"], env=dict(clean_env(), **(env or {})), stdout=log, stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -191,8 +184,7 @@ def served(tmp_path_factory):
             except (urllib.error.URLError, ConnectionError):
                 assert time.monotonic() < deadline, f"no answer in {SERVER_START_S} s:\n{open(log_path).read()[-6000:]}"
                 time.sleep(1)
-        yield {"url": url, "info": info, "roots": roots, "studies": studies, "work": str(work), "log": log_path,
-               "brats_sequences": brats_sequences}
+        yield url, info
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -201,6 +193,31 @@ def served(tmp_path_factory):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         log.close()
+
+
+@pytest.fixture(scope="module")
+def served(app):
+    """A running MONAI Label server with the three tiny bundles over a folder of NIfTI studies; yields its URL and
+    paths; stopped at teardown."""
+    work, data, roots = app["work"], app["data"], app["roots"]
+    studies = os.path.join(work, "studies")
+    os.makedirs(studies)
+    ct_list = make_ct_dataset(os.path.join(data, "served_ct"), num_classes=2, shape=(40, 44, 36),
+                              spacing=SERVED_CT_SPACING, n_train=1, n_val=1, n_test=1, seed=7)
+    with open(ct_list) as f:
+        ct_image = json.load(f)["testing"][0]["image"]
+    shutil.copy(os.path.join(os.path.dirname(ct_list), ct_image), os.path.join(studies, "served_ct.nii.gz"))
+    brats_list = make_brats_dataset(os.path.join(data, "served_brats"), n_train=1, n_val=1, n_test=1, seed=7)
+    with open(brats_list) as f:
+        brats_entry = json.load(f)["testing"][0]["image"]  # the four sequence files, T1, T1ce, T2, FLAIR
+    case = os.path.basename(os.path.dirname(brats_entry[0]))
+    brats_sequences = [os.path.join(os.path.dirname(brats_list), p) for p in brats_entry]
+    _stack_brats_as_documented(os.path.join(os.path.dirname(brats_list), case), case,
+                               os.path.join(studies, "served_brats.nii.gz"))
+    log_path = os.path.join(work, "server.log")
+    with _server(app, studies, list(roots), log_path) as (url, info):
+        yield {"url": url, "info": info, "roots": roots, "studies": studies, "work": work, "log": log_path,
+               "brats_sequences": brats_sequences}
 
 
 def _infer(served: dict, model: str, image_id: str, out: str) -> str:
@@ -244,3 +261,200 @@ def test_infer_over_http_returns_the_bundles_label_map_on_the_input_grid(served,
     cli_input = served["brats_sequences"] if task == "brats" else image
     expected = nib.load(_cli_inference(served["roots"][name], cli_input, os.path.join(served["work"], f"{name}_cli")))
     np.testing.assert_array_equal(values, np.asarray(expected.dataobj))
+
+
+# ----------------------------------------------------------------------------------------------------- a real PACS
+# Orthanc (Debian's orthanc, orthanc-dicomweb, orthanc-gdcm) on 127.0.0.1 holds two real CT series of the CancerData
+# radiomics phantom (pyCERR's wheel on PyPI, CC BY-NC 3.0, tools/data/fetch_lung_ct.py): patient 1 uncompressed and
+# patient 2 in JPEG-LS lossless (its public files compressed by the test; JPEG 2000: docs/pacs.md). MONAI Label reads them over DICOMweb
+# (--studies), /infer segments them, and the label saved back (MONAI Label's PUT /datastore/label, tag final) must
+# reach Orthanc as a DICOM SEG of the source series with the bundle's segment names and codes and the same voxels.
+PACS_SERVED = [("unet", "msd_spleen", "uncompressed"), ("swin", "btcv", "jpegls")]
+
+
+def _ct_files(folder: str) -> list[str]:
+    import pydicom
+
+    return sorted(p for p in (os.path.join(folder, f) for f in os.listdir(folder))
+                  if pydicom.dcmread(p, stop_before_pixels=True).Modality == "CT")
+
+
+@pytest.fixture(scope="module")
+def pacs(app):
+    from tools.data.fetch_lung_ct import extract_patients, fetch_wheel
+    from tools.monailabel.orthanc import (OrthancError, find_orthanc, lossless_copy, running_orthanc,
+                                          series_problems, upload)
+
+    try:
+        find_orthanc()
+    except OrthancError as e:  # CI installs Orthanc and sets HYBRIDMIM_REQUIRE_PACS: there a missing PACS fails
+        if os.environ.get("HYBRIDMIM_REQUIRE_PACS"):
+            pytest.fail(str(e))
+        pytest.skip(str(e))
+    work = os.path.join(app["work"], "pacs")
+    folders, _ = extract_patients(fetch_wheel(), os.path.join(work, "dicom"))
+    series = {"uncompressed": _ct_files(folders[0]),
+              "jpegls": lossless_copy(_ct_files(folders[1]), os.path.join(work, "jpegls"), "jpegls")}
+    for kind, files in series.items():
+        assert series_problems(files) == [], (kind, series_problems(files))
+    with running_orthanc(os.path.join(work, "orthanc"), _free_port()) as orthanc:
+        for files in series.values():
+            upload(orthanc, files)
+        log_path = os.path.join(work, "server.log")
+        # MONAI Label's DICOMweb cache inside the test's folder (default: ~/.cache/monailabel/dicom, shared by runs)
+        env = {"MONAI_LABEL_DICOMWEB_CACHE_PATH": os.path.join(work, "cache")}
+        models = [bundle_name(b, t) for b, t, _ in PACS_SERVED]
+        with _server(app, f"{orthanc}/dicom-web", models, log_path, env) as (url, info):
+            yield {"url": url, "info": info, "orthanc": orthanc, "series": series, "roots": app["roots"],
+                   "work": work, "log": log_path, "originals": _ct_files(folders[1])}
+
+
+def _series_uid(files: list[str]) -> str:
+    import pydicom
+
+    return str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
+
+
+@pytest.mark.pacs
+def test_the_pacs_series_are_listed(pacs):
+    """The datastore counts the two CT series (QIDO-RS, MONAI Label's CT filter), and "next sample" (what 3D Slicer's
+    MONAI Label module asks for) hands out one of them by its SeriesInstanceUID."""
+    with urllib.request.urlopen(f"{pacs['url']}/datastore/?output=stats", timeout=60) as r:
+        stats = json.load(r)
+    assert stats["total"] == 2, stats
+    request = urllib.request.Request(f"{pacs['url']}/activelearning/first", data=b"{}", method="POST",
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as r:
+        sample = json.load(r)
+    assert sample["id"] in {_series_uid(files) for files in pacs["series"].values()}, sample
+
+
+@pytest.mark.pacs
+def test_the_compressed_series_comes_back_from_the_pacs_with_its_pixels(pacs):
+    """WADO-RS as MONAI Label asks for it (no transfer syntax: Explicit VR Little Endian): Orthanc decodes the JPEG-LS
+    series it stores, and the pixels are the public originals'."""
+    import pydicom
+    from dicomweb_client.api import DICOMwebClient
+
+    files = pacs["series"]["jpegls"]
+    stored = pydicom.dcmread(files[0], stop_before_pixels=True)
+    assert stored.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.80"
+    client = DICOMwebClient(f"{pacs['orthanc']}/dicom-web")
+    retrieved = client.retrieve_series(str(stored.StudyInstanceUID), str(stored.SeriesInstanceUID))
+    originals = {str(pydicom.dcmread(p).SOPInstanceUID): pydicom.dcmread(p).pixel_array for p in pacs["originals"]}
+    assert len(retrieved) == len(originals)
+    for instance in retrieved:
+        assert not instance.file_meta.TransferSyntaxUID.is_compressed
+        np.testing.assert_array_equal(instance.pixel_array, originals[str(instance.SOPInstanceUID)])
+
+
+def _slices(files: list[str]) -> list:
+    """The CT slices sorted along the slice normal: (SOPInstanceUID, ImagePositionPatient, row dir, col dir, spacing)."""
+    import pydicom
+
+    out = []
+    for path in files:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        iop = np.array(ds.ImageOrientationPatient, dtype=float)
+        out.append((str(ds.SOPInstanceUID), np.array(ds.ImagePositionPatient, dtype=float), iop[:3], iop[3:],
+                    np.array(ds.PixelSpacing, dtype=float), (int(ds.Rows), int(ds.Columns))))
+    normal = np.cross(out[0][2], out[0][3])
+    return sorted(out, key=lambda s: float(s[1] @ normal))
+
+
+def _label_on_dicom_grid(label_path: str, slices: list) -> np.ndarray:
+    """The NIfTI label map sampled at every pixel centre of every DICOM slice, by world coordinates: (slices, rows,
+    columns). An independent check of MONAI Label's geometry (LPS of DICOM -> RAS of NIfTI, slice order)."""
+    import nibabel as nib
+
+    img = nib.load(label_path)
+    data = np.asarray(img.dataobj)
+    inverse = np.linalg.inv(img.affine)
+    rows, cols = slices[0][5]
+    r, c = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
+    out = np.zeros((len(slices), rows, cols), dtype=np.int64)
+    for k, (_, ipp, row_dir, col_dir, spacing, _) in enumerate(slices):
+        # PixelSpacing is (between rows, between columns); the first direction cosine runs along a row (columns)
+        lps = ipp[None, None] + c[..., None] * spacing[1] * row_dir + r[..., None] * spacing[0] * col_dir
+        ras = lps * np.array([-1.0, -1.0, 1.0])
+        ijk = np.rint(np.einsum("ab,rcb->rca", inverse[:3, :3], ras) + inverse[:3, 3]).astype(int)
+        for axis in range(3):
+            assert ijk[..., axis].min() >= 0 and ijk[..., axis].max() < data.shape[axis], \
+                f"pixel centres of slice {k} fall outside the label map ({label_path})"
+        out[k] = data[ijk[..., 0], ijk[..., 1], ijk[..., 2]]
+    return out
+
+
+def _seg_to_volume(seg, slices: list, value_of_segment: dict) -> np.ndarray:
+    """The DICOM SEG's frames placed by their referenced source instance: (slices, rows, columns) of label values.
+    Each frame's plane position must be the referenced slice's ImagePositionPatient (slice order and origin)."""
+    index = {uid: k for k, (uid, *_rest) in enumerate(slices)}
+    rows, cols = slices[0][5]
+    out = np.zeros((len(slices), rows, cols), dtype=np.int64)
+    frames = seg.pixel_array.reshape(-1, int(seg.Rows), int(seg.Columns))
+    assert (int(seg.Rows), int(seg.Columns)) == (rows, cols), "the SEG's frames do not have the series' matrix"
+    for frame, item in zip(frames, seg.PerFrameFunctionalGroupsSequence):
+        source = item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+        k = index[str(source)]
+        position = np.array(item.PlanePositionSequence[0].ImagePositionPatient, dtype=float)
+        np.testing.assert_allclose(position, slices[k][1], atol=1e-3, err_msg=f"frame of slice {k}: plane position")
+        segment = int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+        out[k][frame > 0] = value_of_segment[segment]
+    return out
+
+
+@pytest.mark.pacs
+@pytest.mark.parametrize("backbone,task,kind", PACS_SERVED, ids=[f"{bundle_name(b, t)}-{k}" for b, t, k in PACS_SERVED])
+def test_pacs_series_is_segmented_and_saved_back_as_dicom_seg(pacs, backbone, task, kind):
+    from dicomweb_client.api import DICOMwebClient
+    from pydicom.dataset import Dataset
+
+    from tools.monailabel.dicom_seg import save_label
+
+    name = bundle_name(backbone, task)
+    files = pacs["series"][kind]
+    series_uid = _series_uid(files)
+    slices = _slices(files)
+    out = _infer(pacs, name, series_uid, os.path.join(pacs["work"], f"{name}_{kind}.nii.gz"))
+    predicted = _label_on_dicom_grid(out, slices)  # also checks that the label map covers the whole series
+    values = sorted(set(np.unique(predicted).tolist()) - {0})
+    assert values, f"{name} found nothing in the {kind} series: no SEG to check"
+    assert set(values) <= set(range(1, len(TASKS[task]["classes"]))), values
+
+    answer = save_label(pacs["url"], series_uid, out, pacs["roots"][name])
+    assert answer["image"] == series_uid, answer
+
+    client = DICOMwebClient(f"{pacs['orthanc']}/dicom-web")
+    segs = [Dataset.from_json(s) for s in client.search_for_series(search_filters={"Modality": "SEG"})]
+    source = [s for s in client.search_for_series(search_filters={"SeriesInstanceUID": series_uid})]
+    study_uid = str(Dataset.from_json(source[0]).StudyInstanceUID)
+    mine = []
+    for s in segs:
+        for instance in client.retrieve_series(str(s.StudyInstanceUID), str(s.SeriesInstanceUID)):
+            if str(instance.ReferencedSeriesSequence[0].SeriesInstanceUID) == series_uid:
+                mine.append(instance)
+    assert len(mine) == 1, f"{len(mine)} SEG objects in Orthanc reference series {series_uid}"
+    seg = mine[0]
+    assert seg.Modality == "SEG" and str(seg.StudyInstanceUID) == study_uid
+    import pydicom
+
+    source_ds = pydicom.dcmread(files[0], stop_before_pixels=True)
+    assert str(seg.FrameOfReferenceUID) == str(source_ds.FrameOfReferenceUID)
+    assert str(seg.SeriesDescription) == name
+
+    with open(os.path.join(pacs["roots"][name], "configs", "metadata.json")) as f:
+        segments = json.load(f)["dicom_segments"]
+    value_of_segment = {}
+    for item in seg.SegmentSequence:
+        label = str(item.SegmentLabel)
+        value = [int(v) for v, s in segments.items() if s["label"] == label]
+        assert len(value) == 1, f"segment {label!r} is not one of {name}'s ({sorted(s['label'] for s in segments.values())})"
+        expected = segments[str(value[0])]
+        assert str(item.SegmentedPropertyTypeCodeSequence[0].CodeValue) == expected["type"]["CodeValue"], label
+        assert str(item.SegmentedPropertyCategoryCodeSequence[0].CodeValue) == expected["category"]["CodeValue"], label
+        if "modifier" in expected:
+            modifier = item.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence[0]
+            assert str(modifier.CodeValue) == expected["modifier"]["CodeValue"], label
+        value_of_segment[int(item.SegmentNumber)] = value[0]
+    assert sorted(value_of_segment.values()) == values, (value_of_segment, values)
+    np.testing.assert_array_equal(_seg_to_volume(seg, slices, value_of_segment), predicted)
