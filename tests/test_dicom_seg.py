@@ -169,3 +169,20 @@ def test_the_monailabel_wrapper_requires_dcmqi_for_a_dicomweb_server(tmp_path, m
     tool.chmod(tool.stat().st_mode | stat.S_IXUSR)
     monkeypatch.setattr(start_server.sysconfig, "get_path", lambda name: str(scripts))
     assert start_server.dcmqi_on_path(["start_server", "--studies", "http://h/dicom-web"]) == str(tool)
+
+
+def test_the_check_command_names_what_a_series_lacks(tmp_path):
+    import subprocess
+    import sys
+
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    good.mkdir(), bad.mkdir()
+    for i in range(2):
+        _slice(good / f"s{i}.dcm", float(i))
+        _slice(bad / f"s{i}.dcm", float(i), FrameOfReferenceUID="" if i else "1.2.3.5")
+    script = os.path.join(REPO_ROOT, "tools", "monailabel", "orthanc.py")
+    ok = subprocess.run([sys.executable, script, "check", str(good)], capture_output=True, text=True)
+    assert ok.returncode == 0 and ok.stdout.strip().endswith(": ready"), ok.stdout + ok.stderr
+    failed = subprocess.run([sys.executable, script, "check", str(bad)], capture_output=True, text=True)
+    assert failed.returncode == 1, failed.stdout + failed.stderr
+    assert "s1.dcm: FrameOfReferenceUID is missing or empty" in failed.stdout

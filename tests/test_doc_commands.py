@@ -199,6 +199,18 @@ COVERAGE: List[Tuple[str, object]] = [
     (r"\.: pip install --no-deps -r tools/monailabel/requirements\.txt", covered_by(
         ".ci/run", "CI installs the same file into both environments",
         expect="pip install -q --no-deps -r tools/monailabel/requirements.txt")),
+    # ---- MONAI Label with a PACS (docs/pacs.md): Orthanc from Debian, DICOMweb, DICOM SEG ------------------------
+    (r"\.: sudo apt-get install orthanc orthanc-dicomweb orthanc-gdcm", covered_by(
+        ".ci/run", "CI step 0 installs the same Debian packages", expect="orthanc orthanc-dicomweb orthanc-gdcm")),
+    (r"\.: (python tools/monailabel/orthanc\.py (serve|upload) .*|python tools/monailabel/start_server\.py "
+     r"start_server .*--studies http://127\.0\.0\.1:8042/dicom-web .*|python tools/monailabel/dicom_seg\.py .*)",
+     covered_by("tests/test_monailabel_server.py::test_pacs_series_is_segmented_and_saved_back_as_dicom_seg",
+                "a real PACS: the test starts Orthanc with the same configuration (running_orthanc, what `serve` runs), "
+                "uploads two real CT series (upload), starts MONAI Label on its DICOMweb URL, and saves the label with "
+                "dicom_seg.save_label (what the command runs); CI runs it with MONAI 1.6.1 (step 4)")),
+    (r"\.: python tools/monailabel/orthanc\.py check /data/ct_series", covered_by(
+        "tests/test_dicom_seg.py::test_the_check_command_names_what_a_series_lacks",
+        "the command on generated slices: one series that passes, one that lacks its FrameOfReferenceUID")),
     (r"\.: (python tools/monailabel/start_server\.py (apps --download|start_server) .*|cp -r "
      r"bundles/\S+ apps/monaibundle/model/)", covered_by(
         "tests/test_monailabel_server.py::test_infer_over_http_returns_the_bundles_label_map_on_the_input_grid",
