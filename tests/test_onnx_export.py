@@ -130,8 +130,9 @@ def test_inference_onnx_json_overrides_only_the_network(backbone, task):
     onnx_cfg = json.load(open(os.path.join(configs, "inference_onnx.json")))
     merged = {**base, **onnx_cfg}  # MONAI's --config_file "[a, b]": top-level keys of b replace those of a
     changed = {k for k in merged if k not in base or merged[k] != base[k]}
-    assert changed == {"onnx_path", "onnx_threads", "onnx_graph_optimization", "device", "amp", "network",
-                       "initialize"}
+    assert changed == {"onnx_path", "onnx_threads", "onnx_graph_optimization", "onnx_quantization", "device", "amp",
+                       "network", "initialize"}
+    assert merged["onnx_quantization"] == "none"  # float32 unless a layer or an override asks for int8
     assert merged["network"]["_target_"] == "hybridmim_components.workflow.OnnxNetwork"
     assert merged["onnx_path"] == "$@ckpt_dir + '/model.onnx'"
     assert not any("checkpointloader" in e for e in merged["initialize"])

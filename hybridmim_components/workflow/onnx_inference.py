@@ -8,12 +8,23 @@ is in each bundle's README and :data:`EXPORT_HINT`).
 """
 from __future__ import annotations
 
+import logging
 import os
 
 import numpy as np
 import torch
 
-__all__ = ["OnnxNetwork", "EXPORT_HINT", "stable_instance_norm"]
+__all__ = ["OnnxNetwork", "EXPORT_HINT", "QUANTIZATION_MODES", "quantized_onnx", "stable_instance_norm"]
+
+logger = logging.getLogger(__name__)
+
+#: ``quantization`` values of :class:`OnnxNetwork` -> the operator types that onnxruntime's dynamic quantization turns
+#: into int8 (``None``: the float32 graph as exported).
+QUANTIZATION_MODES = {
+    "none": None,
+    "int8": ("Conv", "MatMul", "Gemm"),  # convolutions and linear layers
+    "int8_linear": ("MatMul", "Gemm"),  # linear layers only (SwinUNETR's attention and MLPs); convolutions float32
+}
 
 #: How a bundle makes ``models/model.onnx`` from ``models/model.pt`` (shown when the file is missing).
 EXPORT_HINT = (
@@ -90,6 +101,57 @@ def stable_instance_norm(model, spatial_dims: int = 3):
     return model
 
 
+def quantized_onnx(path: str, mode: str = "int8") -> str:
+    """The int8 dynamically quantized copy of the ONNX model at ``path``, made once and cached beside it.
+
+    Dynamic quantization (``onnxruntime.quantization.quantize_dynamic``): the weights of the operators of
+    :data:`QUANTIZATION_MODES` ``[mode]`` are stored as signed int8 (one scale per tensor); their inputs are quantized
+    to uint8 at run time from each call's own range, the products accumulated in int32 and the outputs dequantized to
+    float32. Everything else (instance/layer norms, softmax, activations) stays float32. It changes the logits (about
+    1e-2 relative), so it is an option of the bundles (``onnx_quantization``), never a default; the agreement of the
+    label maps with float32 is measured in ``docs/cpu_inference.md``.
+
+    The copy is named ``<stem>.<mode>-<first 12 hex digits of the source's SHA-256>.onnx``: a re-exported model gets
+    a new copy instead of a stale one; it is written through :func:`atomic_path`, so a reader never sees half of it
+    and two processes racing write the same bytes.
+
+    Args:
+        path: the float32 ``.onnx`` file (``models/model.onnx``).
+        mode: a key of :data:`QUANTIZATION_MODES` other than ``"none"``.
+
+    Returns:
+        The path of the quantized model (``path`` itself for ``"none"``).
+
+    Raises:
+        ValueError: an unknown ``mode``.
+        FileNotFoundError: ``path`` does not exist.
+    """
+    if mode not in QUANTIZATION_MODES:
+        raise ValueError(f"onnx quantization must be one of {sorted(QUANTIZATION_MODES)}, got {mode!r}.")
+    path = os.fspath(path)
+    if QUANTIZATION_MODES[mode] is None:
+        return path
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"ONNX model {path!r} not found: {EXPORT_HINT}.")
+    import hashlib
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from hybridmim_components.utils.atomic_files import atomic_path
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    stem = os.path.splitext(path)[0]
+    target = f"{stem}.{mode}-{digest.hexdigest()[:12]}.onnx"
+    if not os.path.isfile(target):
+        with atomic_path(target) as tmp:
+            quantize_dynamic(path, tmp, op_types_to_quantize=list(QUANTIZATION_MODES[mode]),
+                             weight_type=QuantType.QInt8)
+    return target
+
+
 class OnnxNetwork(torch.nn.Module):
     """An onnxruntime session (CPU execution provider) called like the PyTorch network it was exported from.
 
@@ -107,6 +169,9 @@ class OnnxNetwork(torch.nn.Module):
             10 GB for 4 SwinUNETR patches at feature size 12, 2.9 GB for one).
         stable_norm: run instance norms in the two-pass form of :func:`stable_instance_norm` (default; false keeps
             onnxruntime's own kernel, faster but off by up to 1e-2 on CT patches with large uniform regions).
+        quantization: ``"none"`` (default: the float32 graph), ``"int8"`` or ``"int8_linear"``: run the int8
+            dynamically quantized copy of :func:`quantized_onnx` (made at the first load, cached beside ``path``).
+        inter_op_num_threads: threads running independent operators in parallel; 0 lets onnxruntime choose.
 
     Call: ``x`` float tensor ``B x C x D x H x W`` (any device; ``B`` free, ``C D H W`` those exported) ->
     logits ``B x K x D x H x W`` float32 on ``x``'s device.
@@ -121,9 +186,14 @@ class OnnxNetwork(torch.nn.Module):
     _LEVELS = ("disabled", "basic", "extended", "all")
 
     def __init__(self, path: str, intra_op_num_threads: int = 0, graph_optimization: str = "all",
-                 max_batch: int = 1, stable_norm: bool = True):
+                 max_batch: int = 1, stable_norm: bool = True, quantization: str = "none",
+                 inter_op_num_threads: int = 0):
         super().__init__()
         path = os.fspath(path)
+        # what __deepcopy__ needs to open the same session again
+        self._init_kwargs = dict(path=path, intra_op_num_threads=intra_op_num_threads,
+                                 graph_optimization=graph_optimization, max_batch=max_batch, stable_norm=stable_norm,
+                                 quantization=quantization, inter_op_num_threads=inter_op_num_threads)
         if not os.path.isfile(path):
             raise FileNotFoundError(
                 f"ONNX model {path!r} not found: export it from the trained checkpoint first, from the bundle "
@@ -133,6 +203,8 @@ class OnnxNetwork(torch.nn.Module):
             raise ValueError(f"max_batch must be at least 1, got {max_batch!r}.")
         if graph_optimization not in self._LEVELS:
             raise ValueError(f"graph_optimization must be one of {self._LEVELS}, got {graph_optimization!r}.")
+        if quantization not in QUANTIZATION_MODES:
+            raise ValueError(f"quantization must be one of {sorted(QUANTIZATION_MODES)}, got {quantization!r}.")
         try:
             import onnx
             import onnxruntime as ort
@@ -142,6 +214,7 @@ class OnnxNetwork(torch.nn.Module):
             ) from err
         options = ort.SessionOptions()
         options.intra_op_num_threads = int(intra_op_num_threads)
+        options.inter_op_num_threads = int(inter_op_num_threads)
         options.graph_optimization_level = {
             "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
             "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -151,9 +224,11 @@ class OnnxNetwork(torch.nn.Module):
         self.path = path
         self.max_batch = int(max_batch)
         self.stable_norm = bool(stable_norm)
-        source = path
+        self.quantization = quantization
+        self.model_path = quantized_onnx(path, quantization)  # the file the session runs
+        source = self.model_path
         if self.stable_norm:
-            source = stable_instance_norm(onnx.load(path)).SerializeToString()
+            source = stable_instance_norm(onnx.load(source)).SerializeToString()
         self.session = ort.InferenceSession(source, sess_options=options, providers=["CPUExecutionProvider"])
         (inp,) = self.session.get_inputs()
         self.input_name = inp.name
@@ -181,3 +256,20 @@ class OnnxNetwork(torch.nn.Module):
                   for i in range(0, array.shape[0], self.max_batch)]
         logits = chunks[0] if len(chunks) == 1 else np.concatenate(chunks, axis=0)
         return torch.from_numpy(logits).to(x.device)
+
+    def __deepcopy__(self, memo: dict) -> "OnnxNetwork":
+        """A new session on the same file with the same options (an onnxruntime session cannot be copied; MONAI
+        Label deep-copies its ``network_def`` for each device)."""
+        return type(self)(**self._init_kwargs)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """The graph holds its weights: a PyTorch state dict is not loaded. MONAI Label loads ``models/model.pt`` into
+        whatever ``network_def`` is, with ``strict=False``: that is logged, naming the file whose weights run. With
+        ``strict=True`` a non-empty state dict is an error (the caller expects those weights to be used)."""
+        if state_dict and strict:
+            raise RuntimeError(f"OnnxNetwork({self.path!r}) cannot load a state dict of {len(state_dict)} tensors: "
+                               "its weights are those of the ONNX graph (export it again from the checkpoint)")
+        if state_dict:
+            logger.info("OnnxNetwork: the %d tensors given to load_state_dict are not loaded; the weights of %s run",
+                        len(state_dict), self.model_path)
+        return torch.nn.modules.module._IncompatibleKeys([], list(state_dict))

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 from tools.bundles.bundlegen.common import trained_settings_check
 
-__all__ = ["EXPORTABLE", "export_command", "inference_onnx_config", "onnx_files", "readme_section"]
+__all__ = ["EXPORTABLE", "CPU_FAST", "export_command", "inference_onnx_config", "inference_cpu_fast_config",
+           "onnx_files", "readme_section"]
 
 #: Backbones whose network ``torch.onnx.export`` (dynamo) exports and onnxruntime runs: both (checked by
 #: tests/test_onnx_export.py for every finetuning bundle).
@@ -44,6 +45,10 @@ def inference_onnx_config(seed: int) -> dict:
         # onnxruntime threads per operator (0: one per physical core) and graph optimisation level
         "onnx_threads": 0,
         "onnx_graph_optimization": "all",
+        # "none": the float32 graph as exported; "int8" / "int8_linear": onnxruntime's dynamic int8 quantization of
+        # convolutions and linear layers / of linear layers only (a copy made at the first load, cached beside
+        # onnx_path); changes the logits slightly: docs/cpu_inference.md measures the label maps' agreement
+        "onnx_quantization": "none",
         "device": "$torch.device('cpu')",
         "amp": False,
         "network": {
@@ -51,6 +56,7 @@ def inference_onnx_config(seed: int) -> dict:
             "path": "@onnx_path",
             "intra_op_num_threads": "@onnx_threads",
             "graph_optimization": "@onnx_graph_optimization",
+            "quantization": "@onnx_quantization",
         },
         # the weights are in the .onnx file: no checkpoint loader; the graph fixes the architecture, the
         # preprocessing is checked against the record (models/model.provenance.json, the sidecar of both files)
@@ -59,9 +65,42 @@ def inference_onnx_config(seed: int) -> dict:
     }
 
 
-def onnx_files(backbone: str, seed: int) -> dict:
+#: The settings of ``inference_cpu_fast.json`` per backbone, chosen by whole-CT measurements on a 2-core CPU
+#: (tools/benchmarks/benchmark_whole_ct.py, docs/cpu_inference.md): sliding-window overlap, patches per network call
+#: and onnxruntime's quantization.
+CPU_FAST = {
+    "unet": {"overlap": 0.25, "sw_batch_size": 1, "quantization": "none"},
+    "swin": {"overlap": 0.25, "sw_batch_size": 1, "quantization": "int8"},
+}
+
+
+def inference_cpu_fast_config(backbone: str, postprocessing: list | None) -> dict:
+    """The keys of ``inference_cpu_fast.json``, merged over ``inference.json`` + ``inference_onnx.json``.
+
+    Each key changes the label map slightly against the float32 default pipeline (measured in
+    docs/cpu_inference.md), which is why they are a separate layer and not the defaults: ``sw_overlap`` (0.5 in
+    ``inference.json``: about half the windows at 0.25), ``sw_batch_size``, ``onnx_quantization`` and, where given,
+    ``postprocessing`` (``None``: that of ``inference.json``).
+    """
+    fast = CPU_FAST[backbone]
+    cfg = {
+        "sw_overlap": fast["overlap"],
+        "sw_batch_size": fast["sw_batch_size"],
+        "onnx_quantization": fast["quantization"],
+        "inferer": {"_target_": "SlidingWindowInferer", "roi_size": "@roi_size", "sw_batch_size": "@sw_batch_size",
+                    "overlap": "@sw_overlap"},
+    }
+    if postprocessing is not None:
+        cfg["postprocessing"] = {"_target_": "Compose", "transforms": postprocessing}
+    return cfg
+
+
+def onnx_files(backbone: str, seed: int, fast_postprocessing: list | None = None) -> dict:
     """``{relative_path: content}`` that the ONNX support adds to a finetuning bundle."""
-    return {"configs/inference_onnx.json": inference_onnx_config(seed)} if backbone in EXPORTABLE else {}
+    if backbone not in EXPORTABLE:
+        return {}
+    return {"configs/inference_onnx.json": inference_onnx_config(seed),
+            "configs/inference_cpu_fast.json": inference_cpu_fast_config(backbone, fast_postprocessing)}
 
 
 def readme_section(backbone: str, in_channels: int, roi: int, cfg: str = "configs") -> str:
@@ -87,6 +126,17 @@ optimisation):
 
 ```bash
 {run} --config_file "['{cfg}/inference.json','{cfg}/inference_onnx.json']"
+```
+
+For a whole CT on a few CPU cores, `inference_cpu_fast.json` layered on top trades a little agreement for time
+(sliding-window overlap {CPU_FAST[backbone]['overlap']}, {CPU_FAST[backbone]['sw_batch_size']} patch per call, onnxruntime quantization
+`{CPU_FAST[backbone]['quantization']}` (`int8`: a copy of `model.onnx` made at the first run, cached beside it),
+and, where the classes come from a softmax, the argmax taken before the label map goes back to the CT's grid); the
+first three are config keys (`--sw_overlap`, `--sw_batch_size`, `--onnx_quantization`). Times and the agreement with the float32 label maps: `docs/cpu_inference.md` of the
+project.
+
+```bash
+{run} --config_file "['{cfg}/inference.json','{cfg}/inference_onnx.json','{cfg}/inference_cpu_fast.json']"
 ```
 
 """
