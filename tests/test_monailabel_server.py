@@ -51,6 +51,7 @@ TINY = {
 # a served CT off the bundles' 1.5 x 1.5 x 2 mm grid, so that Spacingd resamples and Invertd has to undo it
 SERVED_CT_SPACING = (1.2, 1.0, 2.5)
 SERVER_START_S = 180
+CPU_SERVED = "hybridmim_unet_msd_spleen_cpu"
 INFER_TIMEOUT_S = 300
 
 
@@ -156,7 +157,11 @@ def app(tmp_path_factory):
     model_dir = os.path.join(app_dir, "model")
     os.makedirs(model_dir, exist_ok=True)
     roots = {bundle_name(b, t): _train_pack_download(b, t, python, model_dir, str(work), data) for b, t in SERVED}
-    return {"dir": app_dir, "python": python, "roots": roots, "work": str(work), "data": data}
+    # a copy served from its ONNX graph, as on a workstation without a GPU (tools/bundles/serve_on_cpu.py)
+    cpu = os.path.join(model_dir, CPU_SERVED)
+    shutil.copytree(roots[bundle_name("unet", "msd_spleen")], cpu)
+    _run([sys.executable, os.path.join(REPO_ROOT, "tools", "bundles", "serve_on_cpu.py"), cpu], "serve_on_cpu")
+    return {"dir": app_dir, "python": python, "roots": roots, "work": str(work), "data": data, "cpu": cpu}
 
 
 @contextlib.contextmanager
@@ -215,7 +220,7 @@ def served(app):
     _stack_brats_as_documented(os.path.join(os.path.dirname(brats_list), case), case,
                                os.path.join(studies, "served_brats.nii.gz"))
     log_path = os.path.join(work, "server.log")
-    with _server(app, studies, list(roots), log_path) as (url, info):
+    with _server(app, studies, [*roots, CPU_SERVED], log_path) as (url, info):
         yield {"url": url, "info": info, "roots": roots, "studies": studies, "work": work, "log": log_path,
                "brats_sequences": brats_sequences}
 
@@ -261,6 +266,24 @@ def test_infer_over_http_returns_the_bundles_label_map_on_the_input_grid(served,
     cli_input = served["brats_sequences"] if task == "brats" else image
     expected = nib.load(_cli_inference(served["roots"][name], cli_input, os.path.join(served["work"], f"{name}_cli")))
     np.testing.assert_array_equal(values, np.asarray(expected.dataobj))
+
+
+def test_a_bundle_served_on_cpu_runs_its_onnx_graph(served):
+    """The copy rewritten by serve_on_cpu.py: MONAI Label builds its network_def, an onnxruntime session that holds
+    no tensors (MONAI Label says the checkpoint's keys do not match it, and loads nothing), and its label map is the
+    PyTorch copy's (float32 both: logits differ by ~1e-5, so at most a few tie voxels may differ)."""
+    import nibabel as nib
+
+    with open(os.path.join(served["roots"]["hybridmim_unet_msd_spleen"], "..", CPU_SERVED, "configs",
+                           "inference.json")) as f:
+        assert json.load(f)["network_def"]["_target_"] == "hybridmim_components.workflow.OnnxNetwork"
+    on_cpu = _infer(served, CPU_SERVED, "served_ct", os.path.join(served["work"], "cpu_server.nii.gz"))
+    pytorch = _infer(served, "hybridmim_unet_msd_spleen", "served_ct", os.path.join(served["work"], "pt.nii.gz"))
+    with open(served["log"]) as f:
+        assert "Checkpoint keys don't match network.state_dict()" in f.read()
+    a, b = np.asarray(nib.load(on_cpu).dataobj), np.asarray(nib.load(pytorch).dataobj)
+    assert a.shape == b.shape
+    assert np.mean(a == b) >= 0.999, f"{np.mean(a != b):.4%} of the voxels differ from the PyTorch copy's"
 
 
 # ----------------------------------------------------------------------------------------------------- a real PACS
