@@ -481,3 +481,22 @@ def test_pacs_series_is_segmented_and_saved_back_as_dicom_seg(pacs, backbone, ta
         value_of_segment[int(item.SegmentNumber)] = value[0]
     assert sorted(value_of_segment.values()) == values, (value_of_segment, values)
     np.testing.assert_array_equal(_seg_to_volume(seg, slices, value_of_segment), predicted)
+
+
+def test_the_cpu_latency_benchmark_runs_at_a_tiny_size(served, tmp_path):
+    """tools/benchmarks/benchmark_monailabel_cpu.py on a tiny trained bundle and the served CT: three copies served
+    by one server, timed, and the float32 ONNX copy agrees with PyTorch."""
+    root = served["roots"]["hybridmim_unet_msd_spleen"]
+    out = tmp_path / "latency.json"
+    _run([sys.executable, os.path.join(REPO_ROOT, "tools", "benchmarks", "benchmark_monailabel_cpu.py"),
+          "--bundle", root, "--models", os.path.join(root, "models"), "--repeats", "1",
+          "--image", os.path.join(served["studies"], "served_ct.nii.gz"), "--output", str(out)],
+         "the MONAI Label CPU benchmark", timeout=900)
+    result = json.loads(out.read_text())
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert set(rows) == {"pytorch", "onnx", "onnx_fast"}
+    assert all(len(r["seconds"]) == 1 and r["seconds"][0] > 0 for r in rows.values())
+    assert rows["pytorch"]["voxels_differing"] == 0
+    assert rows["onnx"]["voxels_differing"] <= 0.001 * rows["onnx"]["voxels"], rows["onnx"]
+    assert len(result["server_latencies"]) == 3  # MONAI Label logged one request per copy
+    assert (tmp_path / "latency.md").read_text().count("| onnx") == 2
