@@ -276,6 +276,26 @@ def write(report: dict, output: str | None) -> None:
         f.write(markdown(report))
 
 
+def combine(paths: list[str]) -> dict:
+    """One report from several runs of this script (e.g. one per backbone, run one after the other): the results
+    side by side, every command, the matmul rates of all runs (each row keeps the fraction of its own run's rate)."""
+    reports = []
+    for path in paths:
+        with open(path) as f:
+            reports.append(json.load(f))
+    out = dict(reports[0])
+    out["command"] = " ; ".join(r["command"] for r in reports)
+    out["matmul_gflops_runs"] = [g for r in reports for g in r["matmul_gflops_runs"]]
+    out["matmul_gflops"] = " / ".join(str(r["matmul_gflops"]) for r in reports)
+    out["results"], out["settings"] = {}, {}
+    for r in reports:
+        if r["reference"] != out["reference"]:
+            raise ValueError(f"the runs compare with different references ({r['reference']!r}, {out['reference']!r})")
+        out["results"].update(r["results"])
+        out["settings"].update(r["settings"])
+    return out
+
+
 def cpu_name() -> str:
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
@@ -298,7 +318,12 @@ def main(argv=None) -> int:
                         help="the setting the others are compared with (default: the first; it may run last)")
     parser.add_argument("--work-dir", default="demo_run/whole_ct/bench", help="label maps and extracted CTs")
     parser.add_argument("--output", default=None, help="JSON file (a .md with the table is written beside it)")
+    parser.add_argument("--combine", nargs="+", default=None,
+                        help="instead of measuring: merge these result JSONs (one backbone each, say) into --output")
     args = parser.parse_args(argv)
+    if args.combine:
+        write(combine(args.combine), args.output)
+        return 0
 
     import onnxruntime
 

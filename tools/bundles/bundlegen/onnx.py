@@ -70,7 +70,7 @@ def inference_onnx_config(seed: int) -> dict:
 #: and onnxruntime's quantization.
 CPU_FAST = {
     "unet": {"overlap": 0.25, "sw_batch_size": 1, "quantization": "none"},
-    "swin": {"overlap": 0.25, "sw_batch_size": 1, "quantization": "int8"},
+    "swin": {"overlap": 0.25, "sw_batch_size": 1, "quantization": "int8_linear"},
 }
 
 
@@ -130,7 +130,8 @@ optimisation):
 
 For a whole CT on a few CPU cores, `inference_cpu_fast.json` layered on top trades a little agreement for time
 (sliding-window overlap {CPU_FAST[backbone]['overlap']}, {CPU_FAST[backbone]['sw_batch_size']} patch per call, onnxruntime quantization
-`{CPU_FAST[backbone]['quantization']}` (`int8`: a copy of `model.onnx` made at the first run, cached beside it),
+`{CPU_FAST[backbone]['quantization']}` (an int8 mode runs a copy of `model.onnx` made at the first run, cached beside
+it),
 and, where the classes come from a softmax, the argmax taken before the label map goes back to the CT's grid); the
 first three are config keys (`--sw_overlap`, `--sw_batch_size`, `--onnx_quantization`). Times and the agreement with the float32 label maps: `docs/cpu_inference.md` of the
 project.
