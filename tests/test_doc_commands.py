@@ -199,6 +199,14 @@ COVERAGE: List[Tuple[str, object]] = [
     (r"\.: pip install --no-deps -r tools/monailabel/requirements\.txt", covered_by(
         ".ci/run", "CI installs the same file into both environments",
         expect="pip install -q --no-deps -r tools/monailabel/requirements.txt")),
+    (r"\.: python tools/bundles/serve_on_cpu\.py apps/monaibundle/model/\S+( --fast)?", covered_by(
+        ["tests/test_monailabel_server.py::test_a_bundle_served_on_cpu_runs_its_onnx_graph",
+         "tests/test_serve_on_cpu.py::test_inference_json_runs_the_onnx_graph_and_keeps_the_pytorch_config"],
+        "a real server serves a copy rewritten by the command (export included) next to the PyTorch copy; the config "
+        "it writes, --fast included, is checked without an export")),
+    (r"\.: python tools/benchmarks/benchmark_monailabel_cpu\.py .*", covered_by(
+        "tests/test_monailabel_server.py::test_the_cpu_latency_benchmark_runs_at_a_tiny_size",
+        "the benchmark on a tiny trained bundle and a small CT (the documented run takes minutes per scan)")),
     # ---- MONAI Label with a PACS (docs/pacs.md): Orthanc from Debian, DICOMweb, DICOM SEG ------------------------
     (r"\.: sudo apt-get install orthanc orthanc-dicomweb orthanc-gdcm", covered_by(
         ".ci/run", "CI step 0 installs the same Debian packages", expect="orthanc orthanc-dicomweb orthanc-gdcm")),
