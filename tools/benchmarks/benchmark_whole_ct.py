@@ -332,7 +332,8 @@ def main(argv=None) -> int:
     if args.reference not in settings:
         raise SystemExit(f"--reference {args.reference!r} is none of the settings {sorted(settings)}")
     os.makedirs(args.work_dir, exist_ok=True)
-    images = {"image": args.image} if args.image else whole_cts(args.cts, args.work_dir)
+    images = ({os.path.basename(args.image).split(".")[0]: args.image} if args.image
+              else whole_cts(args.cts, args.work_dir))
     command = "python tools/benchmarks/benchmark_whole_ct.py " + " ".join(argv if argv is not None else sys.argv[1:])
     rate_before = matmul_gflops()
     report = {

@@ -70,7 +70,7 @@ def inference_onnx_config(seed: int) -> dict:
 #: and onnxruntime's quantization.
 CPU_FAST = {
     "unet": {"overlap": 0.25, "sw_batch_size": 1, "quantization": "none"},
-    "swin": {"overlap": 0.25, "sw_batch_size": 1, "quantization": "int8_linear"},
+    "swin": {"overlap": 0.25, "sw_batch_size": 1, "quantization": "none"},
 }
 
 
