@@ -773,19 +773,6 @@ def _serving_transforms(transforms: list[dict]) -> list[dict]:
             for t in transforms]
 
 
-def cpu_fast_postprocessing(task: str) -> list | None:
-    """``inference_cpu_fast.json``'s postprocessing of the softmax tasks: the argmax on the network's grid, then the
-    label map (one channel, nearest neighbour) taken back to the CT's grid, instead of resampling every class's
-    probability (bilinear) and taking the argmax there; the labels differ at some organ borders (measured in
-    docs/cpu_inference.md). ``None`` for sigmoid tasks (BraTS): their postprocessing stays ``inference.json``'s."""
-    if TASKS[task]["sigmoid"]:
-        return None
-    return [{"_target_": "AsDiscreted", "keys": "pred", "argmax": True},
-            {"_target_": "Invertd", "keys": "pred", "transform": "@preprocessing", "orig_keys": "image",
-             "nearest_interp": True, "to_tensor": True},
-            _label_map_saver("pred")]
-
-
 def inference_config(backbone: str, task: str) -> dict:
     t, b = TASKS[task], BACKBONES[backbone]
     cfg: dict = {
@@ -1206,7 +1193,7 @@ def build_bundle(backbone: str, task: str) -> dict:
         "configs/evaluate.json": evaluate_config(backbone, task),
         "configs/multi_gpu_train.json": multi_gpu_config(backbone, task),
         "configs/inference.json": inference_config(backbone, task),
-        **onnx_files(backbone, SEED, cpu_fast_postprocessing(task)),
+        **onnx_files(backbone, SEED),
         "configs/metadata.json": metadata(backbone, task),
         "docs/README.md": readme(backbone, task),
         "docs/data_license.txt": "Third Party Licenses\n" + "-" * 72 + "\n\n" + t["licence"],

@@ -74,33 +74,31 @@ CPU_FAST = {
 }
 
 
-def inference_cpu_fast_config(backbone: str, postprocessing: list | None) -> dict:
+def inference_cpu_fast_config(backbone: str) -> dict:
     """The keys of ``inference_cpu_fast.json``, merged over ``inference.json`` + ``inference_onnx.json``.
 
-    Each key changes the label map slightly against the float32 default pipeline (measured in
-    docs/cpu_inference.md), which is why they are a separate layer and not the defaults: ``sw_overlap`` (0.5 in
-    ``inference.json``: about half the windows at 0.25), ``sw_batch_size``, ``onnx_quantization`` and, where given,
-    ``postprocessing`` (``None``: that of ``inference.json``).
+    Each key may change the label map against the float32 default pipeline (measured in docs/cpu_inference.md),
+    which is why they are a separate layer and not the defaults: ``sw_overlap`` (0.5 in ``inference.json``: 24
+    windows instead of 60 on an abdominal CT at 0.25), ``sw_batch_size`` (onnxruntime runs one patch per call anyway:
+    ``OnnxNetwork.max_batch``) and ``onnx_quantization``. (Taking the argmax before inverting the preprocessing was
+    measured too: no time saved on a whole CT, labels changed; not in the layer.)
     """
     fast = CPU_FAST[backbone]
-    cfg = {
+    return {
         "sw_overlap": fast["overlap"],
         "sw_batch_size": fast["sw_batch_size"],
         "onnx_quantization": fast["quantization"],
         "inferer": {"_target_": "SlidingWindowInferer", "roi_size": "@roi_size", "sw_batch_size": "@sw_batch_size",
                     "overlap": "@sw_overlap"},
     }
-    if postprocessing is not None:
-        cfg["postprocessing"] = {"_target_": "Compose", "transforms": postprocessing}
-    return cfg
 
 
-def onnx_files(backbone: str, seed: int, fast_postprocessing: list | None = None) -> dict:
+def onnx_files(backbone: str, seed: int) -> dict:
     """``{relative_path: content}`` that the ONNX support adds to a finetuning bundle."""
     if backbone not in EXPORTABLE:
         return {}
     return {"configs/inference_onnx.json": inference_onnx_config(seed),
-            "configs/inference_cpu_fast.json": inference_cpu_fast_config(backbone, fast_postprocessing)}
+            "configs/inference_cpu_fast.json": inference_cpu_fast_config(backbone)}
 
 
 def readme_section(backbone: str, in_channels: int, roi: int, cfg: str = "configs") -> str:
@@ -128,12 +126,10 @@ optimisation):
 {run} --config_file "['{cfg}/inference.json','{cfg}/inference_onnx.json']"
 ```
 
-For a whole CT on a few CPU cores, `inference_cpu_fast.json` layered on top trades a little agreement for time
+For a whole CT on a few CPU cores, `inference_cpu_fast.json` layered on top trades agreement for time
 (sliding-window overlap {CPU_FAST[backbone]['overlap']}, {CPU_FAST[backbone]['sw_batch_size']} patch per call, onnxruntime quantization
-`{CPU_FAST[backbone]['quantization']}` (an int8 mode runs a copy of `model.onnx` made at the first run, cached beside
-it),
-and, where the classes come from a softmax, the argmax taken before the label map goes back to the CT's grid); the
-first three are config keys (`--sw_overlap`, `--sw_batch_size`, `--onnx_quantization`). Times and the agreement with the float32 label maps: `docs/cpu_inference.md` of the
+`{CPU_FAST[backbone]['quantization']}`; an int8 mode runs a copy of `model.onnx` made at the first run, cached beside
+it), each a config key (`--sw_overlap`, `--sw_batch_size`, `--onnx_quantization`). Times and the agreement with the float32 label maps: `docs/cpu_inference.md` of the
 project.
 
 ```bash
