@@ -142,3 +142,46 @@ def test_window_count_matches_monai():
             padded = [max(s, r) for s, r in zip(shape, roi)]
             interval = _get_scan_interval(padded, roi, 3, (overlap,) * 3)
             assert window_count(shape, roi, overlap) == len(dense_patch_slices(padded, roi, interval)), shape
+
+
+def test_benchmark_combine_recomputes_agreement_against_a_reference_run_earlier(tmp_path):
+    """Two reports of tools/benchmarks/benchmark_whole_ct.py (the reference in the first, a further setting in the
+    second) merge into one table whose agreement compares the later setting with the earlier reference."""
+    import nibabel as nib
+
+    from tools.benchmarks.benchmark_whole_ct import main
+
+    ref = np.zeros((10, 10, 10), np.uint8)
+    ref[2:6, 2:6, 2:6] = 6  # 64 voxels of label 6
+    other = ref.copy()
+    other[2, 2:6, 2:6] = 0  # 16 of them lost: Dice 2*48/(64+48)
+    other[8, 8, 8] = 1  # a label the reference lacks: Dice 0
+    paths = {}
+    for name, array in (("torch", ref), ("overlap", other)):
+        paths[name] = str(tmp_path / f"{name}_seg.nii.gz")
+        nib.save(nib.Nifti1Image(array, np.eye(4)), paths[name])
+
+    def report(name: str, rate: float) -> str:
+        run = {"end_to_end_s": 10.0, "sliding_window_s": 8.0, "windows": 4, "gflops": 20.0, "fraction_of_matmul": 1.0,
+               "load_average_1min": 1.0, "label_map": paths[name]}
+        out = {"command": f"run {name}", "machine": "test", "matmul_gflops_runs": [rate], "matmul_gflops": rate,
+               "reference": name, "settings": {name: {"layers": "onnx", "overrides": {}}},
+               "results": {"unet": {"models": "m", "gflop_per_window": 40.0, "runs": {"ct": {name: run}}}}}
+        path = str(tmp_path / f"{name}.json")
+        with open(path, "w") as f:
+            json.dump(out, f)
+        return path
+
+    output = str(tmp_path / "combined.json")
+    assert main(["--combine", report("torch", 40.0), report("overlap", 80.0), "--output", output]) == 0
+    with open(output) as f:
+        combined = json.load(f)
+    runs = combined["results"]["unet"]["runs"]["ct"]
+    assert set(runs) == {"torch", "overlap"} and "agreement" not in runs["torch"]
+    agree = runs["overlap"]["agreement"]
+    assert agree["voxels_differing"] == 17 and agree["voxels"] == 1000
+    assert agree["dice_per_label"] == {"1": 0.0, "6": round(96 / 112, 5)} and agree["dice_min"] == 0.0
+    assert combined["matmul_gflops"] == 80.0 and runs["torch"]["fraction_of_matmul"] == 0.25  # the best rate
+    with open(str(tmp_path / "combined.md")) as f:
+        table = f.read()
+    assert "| unet | ct | overlap |" in table and "| reference |" in table

@@ -333,6 +333,17 @@ COVERAGE: List[Tuple[str, object]] = [
      covered_by("tests/test_onnx_export.py::test_onnx_export_and_parity",
                 "needs the exported models/model.onnx; the test runs both configs on a crop of the real demo CT and "
                 "compares the label maps")),
+    # ---- a whole CT on the CPU (docs/cpu_inference.md) ----------------------------------------------------------------
+    (rf"{BTCV}: {BUNDLE_RUN} --config_file \"\['configs/inference\.json','configs/inference_onnx\.json',"
+     r"'configs/inference_cpu_fast\.json'\]\" --dataset_dir /data/btcv",
+     covered_by("tests/test_cpu_inference.py::test_cpu_fast_layer_reaches_inferer_and_session",
+                "needs a trained, exported models/model.onnx; the test parses the same three configs as MONAI merges "
+                "them and checks that the layer's overlap, batch and quantization reach the inferer and the "
+                "onnxruntime session (the rest is inference_onnx.json's pipeline, run by tests/test_onnx_export.py)")),
+    (r"\.: python tools/benchmarks/benchmark_whole_ct\.py .*",
+     covered_by("tests/test_cpu_inference.py::test_benchmark_combine_recomputes_agreement_against_a_reference_run_earlier",
+                "runs whole CTs at the default widths with trained weights (over an hour on 2 cores); the test runs "
+                "its --combine step on small label maps", help=True)),
     (r"\.: python tools/benchmarks/benchmark_onnx_inference\.py .*",
      covered_by("tests/test_onnx_export.py::test_benchmark_runs_at_tiny_width",
                 "times SwinUNETR and BasicUNet at their default widths (~20 min on 2 cores); the test runs it on a "
