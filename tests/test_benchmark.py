@@ -44,13 +44,17 @@ def test_staged_step_gives_the_loss_and_gradients_of_the_plain_step(backbone, vi
     assert (times["second view (no grad)"] > 0) == (views == "one_sided")
     torch.testing.assert_close(staged_loss, plain_loss.detach(), rtol=1e-6, atol=1e-7)
     grads = {n: p.grad for n, p in net.named_parameters()}
+    # absolute tolerance on the scale of the step's gradients: a convolution bias followed by instance norm has a
+    # gradient of exactly zero in exact arithmetic, so the two steps' values there are float32 rounding (up to 1e-7
+    # on an AMD EPYC, where a fixed 1e-7 failed); a staging error would differ by the order of the gradients (~1)
+    scale = max(g.abs().max().item() for g in grads.values() if g is not None)
     with_grad = 0
     for name, p in twin.named_parameters():
         if grads[name] is None:
             assert p.grad is None or not p.grad.any(), name
             continue
         with_grad += 1
-        torch.testing.assert_close(p.grad, grads[name], rtol=1e-5, atol=1e-7, msg=name)
+        torch.testing.assert_close(p.grad, grads[name], rtol=1e-5, atol=1e-6 * scale, msg=name)
     assert with_grad > 10  # the decoder, the heads and the encoder all got gradients
 
 
