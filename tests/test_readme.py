@@ -11,7 +11,7 @@ import re
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(REPO_ROOT, "README.md")
-README_LIMIT = 12_800  # bytes (12.5 kB)
+README_LIMIT = 12500  # bytes (12.5 kB)
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 
 
