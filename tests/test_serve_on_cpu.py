@@ -91,3 +91,38 @@ def test_onnx_network_is_deep_copied_and_refuses_a_strict_load(tmp_path):
     assert sorted(result.unexpected_keys) == sorted(net.state_dict()) and result.missing_keys == []
     with pytest.raises(RuntimeError, match="cannot load a state dict of 2 tensors"):
         onnx_net.load_state_dict(net.state_dict())
+
+
+@pytest.mark.monai15
+def test_the_export_runs_on_this_monai_and_the_graph_gives_pytorchs_logits(tmp_path):
+    """A real ``onnx_export`` through serve_on_cpu.py (a tiny BasicUNet at a 32^3 patch, set in the copy's config),
+    on the MONAI of this environment: CI repeats it under MONAI 1.5.1, whose ``onnx_export`` scripts the network
+    unless told to trace, and torch's exporter (dynamo, torch >= 2.9) refuses a ScriptModule."""
+    pytest.importorskip("onnxruntime")
+    from monai.bundle import ConfigParser
+
+    from hybridmim_components.workflow import OnnxNetwork
+
+    name = "hybridmim_unet_msd_spleen"
+    root = tmp_path / name
+    shutil.copytree(os.path.join(REPO_ROOT, "bundles", name), root, ignore=shutil.ignore_patterns("*.pt", "*.onnx"))
+    config_path = root / "configs" / "inference.json"
+    config = _read(config_path)
+    config.update({"features": [4, 4, 8, 8, 16, 4], "roi_size": [32, 32, 32]})
+    config_path.write_text(json.dumps(config, indent=4))
+    parser = ConfigParser()
+    parser.read_config(str(config_path))
+    torch.manual_seed(0)
+    net = parser.get_parsed_content("network_def").eval()
+    torch.save(net.state_dict(), root / "models" / "model.pt")
+
+    serve_on_cpu(str(root))
+    onnx_path = root / "models" / "model.onnx"
+    assert onnx_path.is_file()
+    x = torch.randn(3, 1, 32, 32, 32)  # a batch other than the export's dummy 2: the batch axis is dynamic
+    with torch.no_grad():
+        expected = net(x)
+    got = OnnxNetwork(str(onnx_path))(x)
+    assert got.shape == expected.shape == (3, 2, 32, 32, 32)
+    err = float((got - expected).abs().max())
+    assert err < 1e-3, f"onnxruntime vs PyTorch logits differ by {err:.2e}"

@@ -90,7 +90,8 @@ def export(bundle: str, overrides: dict, work: str, net: torch.nn.Module, roi: l
     onnx_export(net_id="network_def", filepath=path, ckpt_file=ckpt,
                 meta_file=os.path.join(bundle, "configs", "metadata.json"),
                 config_file=os.path.join(bundle, "configs", "inference.json"),
-                input_shape=[2, 1, *roi], converter_kwargs=ast.literal_eval(CONVERTER_KWARGS), **overrides)
+                input_shape=[2, 1, *roi], converter_kwargs=ast.literal_eval(CONVERTER_KWARGS),
+                use_trace=True, **overrides)
     return path
 
 

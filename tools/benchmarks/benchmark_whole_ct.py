@@ -159,7 +159,7 @@ def ensure_onnx(backbone: str, models: str) -> str:
         onnx_export(net_id="network_def", filepath=tmp, ckpt_file=os.path.join(models, "model.pt"),
                     meta_file=os.path.join(cfg, "metadata.json"), config_file=os.path.join(cfg, "inference.json"),
                     input_shape=[2, 1, 96, 96, 96], converter_kwargs=ast.literal_eval(CONVERTER_KWARGS),
-                    bundle_root=bundle, ckpt_dir=models)
+                    use_trace=True, bundle_root=bundle, ckpt_dir=models)
     return path
 
 

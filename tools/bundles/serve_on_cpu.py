@@ -31,7 +31,7 @@ if __package__ in (None, ""):  # run as a file: make ``tools`` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from hybridmim_components.utils.atomic_files import atomic_open  # noqa: E402
-from tools.bundles.bundlegen.onnx import CONVERTER_KWARGS  # noqa: E402
+from tools.bundles.bundlegen.onnx import CONVERTER_KWARGS, USE_TRACE  # noqa: E402
 
 __all__ = ["served_config", "export_onnx", "serve_on_cpu"]
 
@@ -76,7 +76,7 @@ def export_onnx(root: str, config: dict, config_path: str) -> str:
     args = [sys.executable, "-m", "monai.bundle", "onnx_export", "network_def", "--filepath", onnx,
             "--ckpt_file", pt, "--meta_file", os.path.join(root, "configs", "metadata.json"),
             "--config_file", config_path, "--bundle_root", root,
-            "--input_shape", json.dumps([2, channels, *roi]), "--converter_kwargs", CONVERTER_KWARGS]
+            "--input_shape", json.dumps([2, channels, *roi]), "--converter_kwargs", CONVERTER_KWARGS, *USE_TRACE]
     proc = subprocess.run(args, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"onnx_export of {root} failed (exit {proc.returncode}):\n{(proc.stdout + proc.stderr)[-4000:]}")

@@ -10,13 +10,15 @@ The network is exported by MONAI's own ``python -m monai.bundle onnx_export`` wi
 sliding-window inferer hands the network ``sw_batch_size`` patches at a time and fewer in the last batch of a volume.
 The patch size (``roi_size``) and the channels are fixed in the export. The dummy input has batch 2 because
 ``torch.export`` (the exporter of torch >= 2.9) treats a size-1 dimension as a constant, not as a dynamic one.
+``--use_trace True`` hands the module itself to ``torch.onnx.export`` on every MONAI: without it MONAI 1.5 first
+scripts the network, and torch's exporter (``torch.export``) refuses a ScriptModule.
 """
 from __future__ import annotations
 
 from tools.bundles.bundlegen.common import trained_settings_check
 
-__all__ = ["EXPORTABLE", "CPU_FAST", "export_command", "inference_onnx_config", "inference_cpu_fast_config",
-           "onnx_files", "readme_section"]
+__all__ = ["EXPORTABLE", "CPU_FAST", "CONVERTER_KWARGS", "USE_TRACE", "export_command", "inference_onnx_config",
+           "inference_cpu_fast_config", "onnx_files", "readme_section"]
 
 #: Backbones whose network ``torch.onnx.export`` (dynamo) exports and onnxruntime runs: both (checked by
 #: tests/test_onnx_export.py for every finetuning bundle).
@@ -25,13 +27,15 @@ EXPORTABLE = ("swin", "unet")
 ONNX_FILE = "model.onnx"
 CONVERTER_KWARGS = ("{'input_names': ['image'], 'output_names': ['pred'], "
                     "'dynamic_axes': {'image': {0: 'batch'}, 'pred': {0: 'batch'}}}")
+#: not scripted first (MONAI 1.5 scripts unless told to trace; torch.export refuses a ScriptModule)
+USE_TRACE = ("--use_trace", "True")
 
 
 def export_command(in_channels: int, roi: int, cfg: str = "configs") -> str:
     """The ``onnx_export`` command line (bash, continued lines) for a bundle folder."""
     return (
         "python -m monai.bundle onnx_export network_def --filepath models/model.onnx --ckpt_file models/model.pt \\\n"
-        f"    --meta_file {cfg}/metadata.json --config_file {cfg}/inference.json \\\n"
+        f"    --meta_file {cfg}/metadata.json --config_file {cfg}/inference.json {' '.join(USE_TRACE)} \\\n"
         f"    --input_shape \"[2, {in_channels}, {roi}, {roi}, {roi}]\" \\\n"
         f"    --converter_kwargs \"{CONVERTER_KWARGS}\""
     )
