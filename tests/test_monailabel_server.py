@@ -20,11 +20,8 @@ import json
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 
@@ -35,12 +32,12 @@ pytest.importorskip("monailabel", reason="MONAI Label is not installed (tools/mo
 
 from tools.bundles.bundlegen.finetune import TASKS, bundle_name  # noqa: E402
 from tools.data.make_demo_data import make_brats_dataset, make_ct_dataset  # noqa: E402
+from tools.monailabel.server import START_SERVER, free_port, running_monailabel  # noqa: E402
 from wheel_env import clean_env, wheel_python  # noqa: E402
 
 pytestmark = [pytest.mark.monailabel, pytest.mark.slow]
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-START_SERVER = os.path.join(REPO_ROOT, "tools", "monailabel", "start_server.py")
 SERVED = [("unet", "msd_spleen"), ("swin", "btcv"), ("unet", "brats")]
 NUM_CLASSES = {"btcv": 14, "msd_spleen": 2}
 # tiny settings written into each served copy's inference.json (the defaults are the paper's GPU scale)
@@ -71,12 +68,6 @@ def _cli(overrides: dict) -> list[str]:
     for key, value in overrides.items():
         args += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
     return args
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _stack_brats_as_documented(case_dir: str, case: str, out: str) -> None:
@@ -166,38 +157,11 @@ def app(tmp_path_factory):
 
 @contextlib.contextmanager
 def _server(app: dict, studies: str, models: list[str], log_path: str, env: dict | None = None):
-    """A MONAI Label server (the wheel's Python, outside the checkout) on a free port of 127.0.0.1 serving ``models``
-    of the app from ``studies`` (a folder or a DICOMweb URL); yields (URL, /info/); stopped when the block ends."""
-    port = _free_port()
-    log = open(log_path, "w")
-    proc = subprocess.Popen(
-        [app["python"], START_SERVER, "start_server", "--app", app["dir"], "--studies", studies,
-         "--conf", "models", ",".join(models), "--conf", "zoo_source", "local", "--conf", "sam2", "false",
-         "--conf", "skip_trainers", "true", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=app["work"], env=dict(clean_env(), **(env or {})), stdout=log, stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + SERVER_START_S
-        while True:
-            assert proc.poll() is None, f"the server exited ({proc.returncode}):\n{open(log_path).read()[-6000:]}"
-            try:
-                with urllib.request.urlopen(f"{url}/info/", timeout=5) as r:
-                    info = json.load(r)
-                break
-            except (urllib.error.URLError, ConnectionError):
-                assert time.monotonic() < deadline, f"no answer in {SERVER_START_S} s:\n{open(log_path).read()[-6000:]}"
-                time.sleep(1)
+    """A MONAI Label server (the wheel's Python, outside the checkout) serving ``models`` of the app from ``studies``
+    (a folder or a DICOMweb URL); yields (URL, /info/); stopped when the block ends."""
+    with running_monailabel(app["dir"], studies, models, log_path, python=app["python"], cwd=app["work"],
+                            env=dict(clean_env(), **(env or {})), start_timeout_s=SERVER_START_S) as (url, info):
         yield url, info
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
 
 
 @pytest.fixture(scope="module")
@@ -320,7 +284,7 @@ def pacs(app):
               "jpegls": lossless_copy(_ct_files(folders[1]), os.path.join(work, "jpegls"), "jpegls")}
     for kind, files in series.items():
         assert series_problems(files) == [], (kind, series_problems(files))
-    with running_orthanc(os.path.join(work, "orthanc"), _free_port()) as orthanc:
+    with running_orthanc(os.path.join(work, "orthanc"), free_port()) as orthanc:
         for files in series.values():
             upload(orthanc, files)
         log_path = os.path.join(work, "server.log")

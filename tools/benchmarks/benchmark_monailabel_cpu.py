@@ -28,14 +28,11 @@ import os
 import platform
 import re
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
 import urllib.request
 
 import numpy as np
@@ -46,15 +43,9 @@ if REPO_ROOT not in sys.path:
 
 from hybridmim_components.utils.atomic_files import atomic_open  # noqa: E402
 from tools.bundles.serve_on_cpu import serve_on_cpu  # noqa: E402
+from tools.monailabel.server import START_SERVER, running_monailabel  # noqa: E402
 
-START_SERVER = os.path.join(REPO_ROOT, "tools", "monailabel", "start_server.py")
 VARIANTS = ("pytorch", "onnx", "onnx_fast")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _copy_bundle(bundle: str, models: str, dest: str, overrides: dict) -> None:
@@ -90,27 +81,12 @@ def run(bundle: str, models: str, image: str, repeats: int, overrides: dict, wor
     studies = os.path.join(work, "studies")
     os.makedirs(studies)
     shutil.copy(image, os.path.join(studies, "ct.nii.gz"))
-    port, log_path = _free_port(), os.path.join(work, "server.log")
+    log_path = os.path.join(work, "server.log")
     env = dict(os.environ, PYTHONPATH=REPO_ROOT)
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, START_SERVER, "start_server", "--app", os.path.join(apps, "monaibundle"),
-                                 "--studies", studies, "--conf", "models", ",".join(served.values()), "--conf",
-                                 "zoo_source", "local", "--conf", "sam2", "false", "--conf", "skip_trainers", "true",
-                                 "--host", "127.0.0.1", "--port", str(port)],
-                                cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
     times = {v: [] for v in VARIANTS}
     labels = {}
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the server did not start:\n{open(log_path).read()[-4000:]}")
-            try:
-                urllib.request.urlopen(f"{url}/info/", timeout=5).read()
-                break
-            except (urllib.error.URLError, ConnectionError):
-                time.sleep(1)
+    with running_monailabel(os.path.join(apps, "monaibundle"), studies, list(served.values()), log_path, cwd=work,
+                            env=env) as (url, _):
         for round_ in range(repeats):
             for variant in VARIANTS:
                 out = os.path.join(work, f"{variant}_{round_}.nii.gz")
@@ -123,9 +99,6 @@ def run(bundle: str, models: str, image: str, repeats: int, overrides: dict, wor
                 if round_ == 0:
                     labels[variant] = np.asarray(nib.load(out).dataobj)
                 print(f"{variant} round {round_}: {times[variant][-1]:.1f} s", flush=True)
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=60)
     with open(log_path) as f:
         reported = re.findall(r"Latencies => Total: ([0-9.]+); Pre: ([0-9.]+); Inferer: ([0-9.]+)", f.read())
     reference = labels["pytorch"]

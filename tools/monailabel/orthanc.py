@@ -28,7 +28,6 @@ import glob
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -40,6 +39,7 @@ if __package__ in (None, ""):  # run as a file: make ``tools`` and the package i
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from hybridmim_components.utils.atomic_files import atomic_open  # noqa: E402
+from tools.monailabel.server import stop_process_group  # noqa: E402
 
 __all__ = ["ORTHANC_PLUGIN_DIRS", "OrthancError", "find_orthanc", "orthanc_configuration", "running_orthanc",
            "upload", "series_problems", "lossless_copy", "soak"]
@@ -132,14 +132,7 @@ def running_orthanc(work_dir: str, port: int, log_path: str | None = None) -> It
                                    f":\n{_tail(log_path)}")
             yield url
         finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+            stop_process_group(proc, timeout=20)
 
 
 def _tail(path: str, n: int = 4000) -> str:
