@@ -31,6 +31,9 @@ RESUME_CASES = {("swin", "msd_spleen"), ("unet", "brats")}
 # CI repeats this one under MONAI 1.5.x (MONAI Label 0.8.5's MONAI) and under the next MONAI (monai-weekly): a CT
 # bundle, so Spacingd is on the path, and the cheapest one (UNet, 32^3 crops, no resume)
 MONAI15_CASE = ("unet", "msd_spleen")
+# verify_net_in_out and ckpt_export through the CLI as the bundle READMEs write them, on one bundle per backbone:
+# tests/test_verify_bundles.py runs both checks on every bundle in process (a CLI start costs ~10 s of imports)
+CLI_EXPORT_CASES = {MONAI15_CASE, ("swin", "btcv")}
 END_TO_END_CASES = [
     pytest.param(b, t, id=bundle_name(b, t),
                  marks=[pytest.mark.monai15, pytest.mark.monai_next] if (b, t) == MONAI15_CASE else [])
@@ -224,6 +227,15 @@ def test_bundle_end_to_end(backbone, task, workdir, dataset, pretrained):
     check_predictions(datalist, os.path.join(root, "predictions"), t)
 
     # 5. network input/output against the metadata, and TorchScript export by tracing
+    if (backbone, task) in CLI_EXPORT_CASES:
+        check_cli_export(backbone, cfg, os.path.join(models, "model.pt"), os.path.join(root, "model.ts"))
+
+    # 6. properties (train and inference) of the trained bundle, in process
+    check_properties(backbone, task, root, datalist)
+
+
+def check_cli_export(backbone: str, cfg: str, weights: str, ts: str) -> None:
+    """``verify_net_in_out`` and ``ckpt_export`` (traced) through the CLI, as the bundle README writes them."""
     meta = f"{cfg}/metadata.json"
     width = cli_args(width_overrides(backbone))
     assert_ok(
@@ -231,17 +243,13 @@ def test_bundle_end_to_end(backbone, task, workdir, dataset, pretrained):
                 "--device", "cpu", *width),
         "verify_net_in_out",
     )
-    ts = os.path.join(root, "model.ts")
     assert_ok(
-        run_cli("ckpt_export", "network_def", "--filepath", ts, "--ckpt_file", os.path.join(models, "model.pt"),
-                "--meta_file", meta, "--config_file", f"{cfg}/inference.json", "--use_trace", "True",
+        run_cli("ckpt_export", "network_def", "--filepath", ts, "--ckpt_file", weights, "--meta_file", meta,
+                "--config_file", f"{cfg}/inference.json", "--use_trace", "True",
                 "--converter_kwargs", "{'check_trace': False}", *width),
         "ckpt_export",
     )
     assert os.path.getsize(ts) > 0
-
-    # 6. properties (train and inference) of the trained bundle, in process
-    check_properties(backbone, task, root, datalist)
 
 
 def check_predictions(datalist: str, out_dir: str, t: dict, split: str = "testing") -> None:
