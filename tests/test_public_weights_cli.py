@@ -37,7 +37,8 @@ PRETRAIN_SMALL = {
 
 
 def _public_files() -> dict:
-    """``{layout: (checkpoint object, extra overrides)}`` for every Swin layout, feature size 12, 1 channel."""
+    """``{layout: (checkpoint object, extra overrides, the MONAI-named state it was made from)}`` for every Swin layout,
+    feature size 12 (the model zoo's: 48), 1 channel."""
     full = swin_state(seed=1, feature_size=WIDTH)  # a SwinUNETR with out 2 (MONAI names)
     no_out = {k: v for k, v in full.items() if not k.startswith("out.")}
     v2 = swin_state(seed=2, feature_size=WIDTH, use_v2=True)
@@ -48,17 +49,25 @@ def _public_files() -> dict:
     zoo = swin_state(seed=3, feature_size=48, out_channels=14)  # recognised by its width 48 and 14 classes
     suprem = {"module.backbone." + k: v for k, v in no_out.items()}
     suprem.update({"module." + k: v for k, v in suprem_heads("", classes=4).items()})
-    authors = {"module." + k: v for k, v in swin_state(seed=4, feature_size=WIDTH, out_channels=1).items()}
+    authors_source = swin_state(seed=4, feature_size=WIDTH, out_channels=1)
+    authors = {"module." + k: v for k, v in authors_source.items()}
     authors["module.contrast_learning_head.weight"] = torch.zeros(8, 16 * WIDTH)
+    dae_source = swin_state(seed=5, feature_size=WIDTH, out_channels=1)
     legacy = {"downsample": "merging_legacy"}
     return {
-        "tang_ssl_swinvit": (tang_swinvit_file(full), dict(legacy, pretrained_scope="encoder")),
-        "model_zoo_swin_unetr_btcv": (zoo, dict(legacy, feature_size=48)),
-        "voco": (voco, dict(legacy, pretrained_scope="encoder", use_v2=True)),
-        "suprem_swin": ({"net": suprem}, legacy),
-        "dae_swin": (dae_file(swin_state(seed=5, feature_size=WIDTH, out_channels=1)), legacy),
-        "hybridmim_authors": ({"state_dict": authors}, legacy),
+        "tang_ssl_swinvit": (tang_swinvit_file(full), dict(legacy, pretrained_scope="encoder"), full),
+        "model_zoo_swin_unetr_btcv": (zoo, dict(legacy, feature_size=48), zoo),
+        "voco": (voco, dict(legacy, pretrained_scope="encoder", use_v2=True), v2),
+        "suprem_swin": ({"net": suprem}, legacy, full),
+        "dae_swin": (dae_file(dae_source), legacy, dae_source),
+        "hybridmim_authors": ({"state_dict": authors}, legacy, authors_source),
     }
+
+
+#: the layout that pretraining warm-starts from through the CLI, trains and resumes; every layout (this one too) is
+#: loaded in process by the bundle's own ``initialize`` (a CLI start costs ~10 s of imports, a tiny Swin step more)
+CLI_LAYOUT = "tang_ssl_swinvit"
+LAYOUTS = list(_public_files())
 
 
 @pytest.fixture(scope="module")
@@ -68,28 +77,51 @@ def ct_pool(tmp_path_factory):
     return make_unlabeled_ct_pool(str(tmp_path_factory.mktemp("pool")), n_train=1, n_val=1, n_test=1)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("layout", list(_public_files()))
-def test_pretraining_warm_starts_from_each_public_swin_layout(layout, ct_pool, tmp_path):
-    checkpoint, extra = _public_files()[layout]
+def _pretrain_overrides(layout: str, ct_pool: str, tmp_path) -> dict:
+    """The tiny pretraining's overrides with ``layout``'s file written under ``tmp_path`` as ``pretrained_path``."""
+    checkpoint, extra, _ = _public_files()[layout]
     path = tmp_path / f"{layout}.pt"
     torch.save(checkpoint, path)
-    bundle = os.path.join(BUNDLES_DIR, "hybridmim_swin_pretrain")
     overrides = dict(PRETRAIN_SMALL, bundle_root=str(tmp_path / "bundle"), dataset_dir=os.path.dirname(ct_pool),
                      data_list_file_path=os.path.basename(ct_pool), pretrained_path=str(path))
     overrides.update(extra)
-    text = assert_ok(run_cli("run", "--config_file", f"{bundle}/configs/train.json", *cli_args(overrides)), layout)
+    return overrides
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_the_pretraining_bundle_loads_each_public_swin_layout(layout, ct_pool, tmp_path):
+    """The bundle's ``initialize`` (in process: the expressions the CLI runs) leaves the file's weights in the network:
+    a tensor of the first Swin stage equals the one the file was made from, after the layout's renaming."""
+    from monai.bundle import ConfigWorkflow
+
+    overrides = _pretrain_overrides(layout, ct_pool, tmp_path)
+    bundle = os.path.join(BUNDLES_DIR, "hybridmim_swin_pretrain")
+    workflow = ConfigWorkflow(config_file=f"{bundle}/configs/train.json", workflow_type="train", logging_file=False,
+                              **overrides)
+    workflow.initialize()
+    backbone = workflow.parser.get_parsed_content("network_def").backbone.state_dict()
+    source = _public_files()[layout][2]
+    key = "swinViT.layers1.0.blocks.0.attn.qkv.weight"  # same name in MONAI's v1 and v2 SwinUNETR
+    assert torch.equal(backbone[key], source[key]), f"{layout}: {key} is not the file's"
+    fresh = swin_state(seed=0, feature_size=overrides["feature_size"], use_v2=overrides.get("use_v2", False))
+    assert not torch.equal(backbone[key], fresh[key])  # the comparison can fail: another seed differs
+
+
+@pytest.mark.slow
+def test_pretraining_warm_starts_from_a_public_layout_through_the_cli(ct_pool, tmp_path):
+    overrides = _pretrain_overrides(CLI_LAYOUT, ct_pool, tmp_path)
+    path = overrides["pretrained_path"]
+    bundle = os.path.join(BUNDLES_DIR, "hybridmim_swin_pretrain")
+    text = assert_ok(run_cli("run", "--config_file", f"{bundle}/configs/train.json", *cli_args(overrides)), CLI_LAYOUT)
     report = re.search(re.escape(f"pretrained weights {path}:") + r"\n\s*layout: [^\n]*\n\s*loaded: (\d+)", text)
     assert report and int(report.group(1)) > 0, text[-3000:]
-    if extra.get("pretrained_scope") == "encoder":
-        assert "pretrained_scope 'encoder'" in text and "starts from random weights" in text
+    assert "pretrained_scope 'encoder'" in text and "starts from random weights" in text
     record = read_provenance(tmp_path / "bundle" / "models" / "model.pt")
     assert record["downsample"] == "merging_legacy" and record["source"] == "hybridmim_swin_pretrain"
-    if layout == "tang_ssl_swinvit":  # a warm-started run resumes from its own checkpoint, not from the file again
-        overrides.update({"resume": True, "train#trainer#max_epochs": 2})
-        text = assert_ok(run_cli("run", "--config_file", f"{bundle}/configs/train.json", *cli_args(overrides)),
-                         "resume")
-        assert "resuming from full checkpoint" in text and "(iteration 1)" in text
+    # a warm-started run resumes from its own checkpoint, not from the file again
+    overrides.update({"resume": True, "train#trainer#max_epochs": 2})
+    text = assert_ok(run_cli("run", "--config_file", f"{bundle}/configs/train.json", *cli_args(overrides)), "resume")
+    assert "resuming from full checkpoint" in text and "(iteration 1)" in text
 
 
 @pytest.fixture(scope="module")
