@@ -306,6 +306,7 @@ _NOT_ATOMIC = {
     "tools/benchmarks/benchmark_onnx_inference.py": "the network's weights in a scratch folder",
     "tools/benchmarks/benchmark_monailabel_cpu.py": "the server's log and the label maps it answers, in a scratch folder",
     "tools/monailabel/orthanc.py": "Orthanc's log, written by the server as it runs",
+    "tools/monailabel/server.py": "MONAI Label's log, written by the server as it runs",
 }
 _SAVERS = {"save", "savez", "savez_compressed", "savefig", "to_csv", "to_filename", "write_text", "write_bytes"}
 
