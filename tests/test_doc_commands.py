@@ -356,7 +356,7 @@ COVERAGE: List[Tuple[str, object]] = [
     # ---- starting from public weights (README, docs/public_weights.md) -------------------------------------------
     (rf"\.: {BUNDLE_RUN} --config_file bundles/hybridmim_swin_(btcv|pretrain)/configs/train\.json --dataset_dir \S+ "
      r"--pretrained_path /weights/model_swinvit\.pt --pretrained_scope encoder --downsample merging_legacy",
-     covered_by(["tests/test_public_weights_cli.py::test_pretraining_warm_starts_from_each_public_swin_layout",
+     covered_by(["tests/test_public_weights_cli.py::test_pretraining_warm_starts_from_a_public_layout_through_the_cli",
                  "tests/test_public_weights_cli.py::test_import_weights_then_finetune_from_the_result"],
                 "needs the published file; the tests build files with its exact keys and run the bundles with them")),
     (r"\.: python tools/weights/import_weights\.py /weights/model_swinvit\.pt --out \S+ --scope encoder",
