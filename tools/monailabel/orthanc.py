@@ -39,7 +39,7 @@ if __package__ in (None, ""):  # run as a file: make ``tools`` and the package i
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from hybridmim_components.utils.atomic_files import atomic_open  # noqa: E402
-from tools.monailabel.server import stop_process_group  # noqa: E402
+from tools.monailabel.server import log_tail, stop_process_group  # noqa: E402
 
 __all__ = ["ORTHANC_PLUGIN_DIRS", "OrthancError", "find_orthanc", "orthanc_configuration", "running_orthanc",
            "upload", "series_problems", "lossless_copy", "soak"]
@@ -117,27 +117,23 @@ def running_orthanc(work_dir: str, port: int, log_path: str | None = None) -> It
             deadline = time.monotonic() + START_TIMEOUT_S
             while True:
                 if proc.poll() is not None:
-                    raise OrthancError(f"Orthanc exited ({proc.returncode}):\n{_tail(log_path)}")
+                    raise OrthancError(f"Orthanc exited ({proc.returncode}):\n{log_tail(log_path, 4000)}")
                 try:
                     system = json.loads(_get(f"{url}/system", timeout=2))
                     plugins_loaded = json.loads(_get(f"{url}/plugins", timeout=2))
                     break
                 except (urllib.error.URLError, ConnectionError):
                     if time.monotonic() > deadline:
-                        raise OrthancError(f"Orthanc did not answer in {START_TIMEOUT_S} s:\n{_tail(log_path)}")
+                        raise OrthancError(f"Orthanc did not answer in {START_TIMEOUT_S} s:\n"
+                                           f"{log_tail(log_path, 4000)}")
                     time.sleep(0.3)
             missing = {"dicom-web", "gdcm"} - set(plugins_loaded)
             if missing:
                 raise OrthancError(f"Orthanc {system.get('Version')} started without its plugin(s) {sorted(missing)}"
-                                   f":\n{_tail(log_path)}")
+                                   f":\n{log_tail(log_path, 4000)}")
             yield url
         finally:
             stop_process_group(proc, timeout=20)
-
-
-def _tail(path: str, n: int = 4000) -> str:
-    with open(path, errors="replace") as f:
-        return f.read()[-n:]
 
 
 def upload(url: str, paths: Sequence[str]) -> list[dict]:

@@ -20,7 +20,7 @@ from typing import Iterator, Sequence
 
 START_SERVER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "start_server.py")
 
-__all__ = ["MonaiLabelError", "free_port", "running_monailabel", "stop_process_group", "START_SERVER"]
+__all__ = ["MonaiLabelError", "free_port", "log_tail", "running_monailabel", "stop_process_group", "START_SERVER"]
 
 
 class MonaiLabelError(RuntimeError):
@@ -46,7 +46,8 @@ def stop_process_group(proc: subprocess.Popen, timeout: float = 30) -> None:
         proc.wait()
 
 
-def _tail(path: str, n: int = 6000) -> str:
+def log_tail(path: str, n: int = 6000) -> str:
+    """The last ``n`` characters of a server's log (for an error message)."""
     with open(path, errors="replace") as f:
         return f.read()[-n:]
 
@@ -69,7 +70,7 @@ def running_monailabel(app_dir: str, studies: str, models: Sequence[str], log_pa
             deadline = time.monotonic() + start_timeout_s
             while True:
                 if proc.poll() is not None:
-                    raise MonaiLabelError(f"the MONAI Label server exited ({proc.returncode}):\n{_tail(log_path)}")
+                    raise MonaiLabelError(f"the MONAI Label server exited ({proc.returncode}):\n{log_tail(log_path)}")
                 try:
                     with urllib.request.urlopen(f"{url}/info/", timeout=5) as r:
                         info = json.load(r)
@@ -77,7 +78,7 @@ def running_monailabel(app_dir: str, studies: str, models: Sequence[str], log_pa
                 except (urllib.error.URLError, ConnectionError):
                     if time.monotonic() > deadline:
                         raise MonaiLabelError(f"the MONAI Label server did not answer in {start_timeout_s:.0f} s:\n"
-                                              f"{_tail(log_path)}")
+                                              f"{log_tail(log_path)}")
                     time.sleep(1)
             yield url, info
         finally:
